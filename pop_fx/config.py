@@ -1,0 +1,123 @@
+"""PopConfig: the one configuration object of pop-fx.
+
+Every field has a default, so ``torch.compile(model, backend="pop")`` works with
+no options. Any invalid value, type or unknown key raises ``ValueError`` naming
+the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+_SCOPES = ("batch", "sequence")
+_PREFILLS = ("pruned", "dense")
+_EMPTY_EXPERT = ("weights", "dense")
+_LOWERINGS = ("inductor", "eager")
+_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class PopConfig:
+    """How POP prunes every FFN site (see POP_SPEC.md)."""
+
+    sparsity: float = 0.5
+    """r: fraction of each FFN's intermediate channels inactive at every decode step, 0 <= r < 1."""
+
+    candidate_ratio: float = 0.1
+    """γ: width of the candidate band as a fraction of d_ff, 0 <= γ <= 2 (0 = static mask, 2 = full re-evaluation)."""
+
+    scope: str = "batch"
+    """"batch": one partition shared by the batch (the paper); "sequence": one partition per sequence."""
+
+    prefill: str = "pruned"
+    """"pruned": the prefill's down projection uses R ∪ top candidates (the paper); "dense": prefill stays exact."""
+
+    empty_expert: str = "weights"
+    """Expert that got no prefill token: "weights" = data-free partition from weight norms, "dense" = not pruned."""
+
+    lowering: str = "inductor"
+    """"inductor": lower the rewritten graph through Inductor; "eager": run it as is (cheap, for tests)."""
+
+    mode: str | None = None
+    """Inductor mode for the lowering (e.g. "reduce-overhead" for CUDA graphs); None = Inductor's default."""
+
+    max_batch_size: int = 64
+    """scope="sequence": sequences per batch that per-sequence state is allocated for, >= 1."""
+
+    debug: bool = False
+    """Print every pass's match counts and the graphs before and after the rewrite."""
+
+    def __post_init__(self) -> None:
+        _check_real("sparsity", self.sparsity, 0.0, 1.0, "0 <= sparsity < 1", hi_open=True)
+        _check_real("candidate_ratio", self.candidate_ratio, 0.0, 2.0, "0 <= candidate_ratio <= 2")
+        _check_choice("scope", self.scope, _SCOPES)
+        _check_choice("prefill", self.prefill, _PREFILLS)
+        _check_choice("empty_expert", self.empty_expert, _EMPTY_EXPERT)
+        _check_choice("lowering", self.lowering, _LOWERINGS)
+        _check_choice("mode", self.mode, _MODES)
+        if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, numbers.Integral) or self.max_batch_size < 1:
+            raise ValueError(
+                f"PopConfig.max_batch_size={self.max_batch_size!r} is invalid: allowed an integer >= 1"
+            )
+        if not isinstance(self.debug, bool):
+            raise ValueError(f"PopConfig.debug={self.debug!r} is invalid: allowed True or False")
+        # Normalise numbers so that equal configs hash equal (0.5 vs numpy.float64(0.5)).
+        object.__setattr__(self, "sparsity", float(self.sparsity))
+        object.__setattr__(self, "candidate_ratio", float(self.candidate_ratio))
+        object.__setattr__(self, "max_batch_size", int(self.max_batch_size))
+
+    # Presets: the paper's two ablation baselines.
+    @classmethod
+    def static(cls, sparsity: float = 0.5, **fields: Any) -> "PopConfig":
+        """γ = 0: the mask chosen at prefill is used for every decode step (GRIFFIN-like)."""
+        return cls(sparsity=sparsity, candidate_ratio=0.0, **fields)
+
+    @classmethod
+    def full_reevaluation(cls, sparsity: float = 0.5, **fields: Any) -> "PopConfig":
+        """γ = 2: every channel is a candidate, re-scored at every decode step."""
+        return cls(sparsity=sparsity, candidate_ratio=2.0, **fields)
+
+    @classmethod
+    def from_options(cls, options: "PopConfig | Mapping[str, Any] | None" = None, **overrides: Any) -> "PopConfig":
+        """Build a config from ``torch.compile(..., options=...)``; unknown keys raise ValueError."""
+        if isinstance(options, PopConfig):
+            base = dataclasses.asdict(options)
+        elif options is None:
+            base = {}
+        elif isinstance(options, Mapping):
+            base = dict(options)
+        else:
+            raise ValueError(
+                f"options={options!r} is invalid: allowed a dict of PopConfig fields, a PopConfig or None"
+            )
+        base.update(overrides)
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(k for k in base if k not in allowed)
+        if unknown:
+            raise ValueError(f"unknown PopConfig option(s) {unknown}: allowed {allowed}")
+        return cls(**base)
+
+    def replace(self, **changes: Any) -> "PopConfig":
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_real(name, value, lo, hi, allowed, hi_open=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"PopConfig.{name}={value!r} has type {type(value).__name__}: allowed a number, {allowed}")
+    v = float(value)
+    if not (v == v) or v < lo or v > hi or (hi_open and v >= hi):
+        raise ValueError(f"PopConfig.{name}={value!r} is out of range: allowed {allowed}")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices or (value is not None and not isinstance(value, str)):
+        raise ValueError(f"PopConfig.{name}={value!r} is invalid: allowed one of {list(choices)}")
+
+
+__all__ = ["PopConfig"]
