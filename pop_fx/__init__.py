@@ -6,7 +6,31 @@
 
 from .config import PopConfig
 from .partition import PartitionSizes, partition_sizes
+from . import ops as _ops  # noqa: F401  (registers the pop:: custom ops)
+from .backend import pop_backend, register as _register
+from .api import compile, decompile, report, reset
+
+_register()
 
 __version__ = "0.1.0"
 
-__all__ = ["PopConfig", "PartitionSizes", "partition_sizes", "__version__"]
+__all__ = [
+    "PopConfig",
+    "PartitionSizes",
+    "compile",
+    "decompile",
+    "partition_sizes",
+    "pop_backend",
+    "report",
+    "reset",
+    "__version__",
+]
+
+
+def __getattr__(name):
+    # Submodules that pull in transformers load on first use, so `import pop_fx` stays light.
+    import importlib
+
+    if name in ("reference", "sites", "models", "evaluation", "budget", "inspect", "bench", "kernels"):
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'pop_fx' has no attribute {name!r}")

@@ -1,0 +1,433 @@
+"""Find POP sites (FFN blocks) in Dynamo's torch-level FX graph.
+
+A site is found from its *down projection*: a ``linear`` (or GPT-2's Conv1D
+``addmm``) whose weight is a model Parameter and whose input ``H`` is produced
+by a purely elementwise region (the activation, and for gated FFNs the
+product) fed by one or two *up projections* of the same input ``x``. The
+shapes of the weights, not module names, are the evidence; the module path
+from ``nn_module_stack`` is only used to name the site in reports.
+
+PATTERNS is the table a reader scans: what each pattern matches, as a rewrite.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+
+# ----------------------------------------------------------------------------------------------
+# node helpers
+# ----------------------------------------------------------------------------------------------
+
+_LINEAR = {torch._C._nn.linear, torch.nn.functional.linear}
+_ADDMM = {torch.addmm}
+_VIEW_METHODS = {"view", "reshape"}
+
+
+def val(n) -> torch.Tensor | None:
+    """The example value Dynamo recorded for a node (``example_value``; ``val`` after other passes)."""
+    if not isinstance(n, fx.Node):
+        return None
+    v = n.meta.get("example_value", n.meta.get("val"))
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def param_of(n) -> torch.Tensor | None:
+    """The real model Parameter behind a weight placeholder, or None."""
+    if not isinstance(n, fx.Node) or n.op != "placeholder":
+        return None
+    ga = n.meta.get("grapharg")
+    ex = getattr(ga, "example", None)
+    return ex if isinstance(ex, torch.nn.Parameter) else None
+
+
+def linear_parts(n: fx.Node):
+    """(x, weight, bias) of a ``linear`` call node, else None."""
+    if n.op != "call_function" or n.target not in _LINEAR:
+        return None
+    args = list(n.args) + [None] * (3 - len(n.args))
+    x, w, b = args[0], n.kwargs.get("weight", args[1]), n.kwargs.get("bias", args[2])
+    return x, w, b
+
+
+def addmm_parts(n: fx.Node):
+    """(x2d, weight[in, out], bias) of an ``addmm(bias, x, W)`` node (GPT-2's Conv1D), else None."""
+    if n.op != "call_function" or n.target not in _ADDMM or n.kwargs:
+        return None
+    if len(n.args) != 3:
+        return None
+    b, x, w = n.args
+    return x, w, b
+
+
+def is_view(n) -> bool:
+    return isinstance(n, fx.Node) and (
+        (n.op == "call_method" and n.target in _VIEW_METHODS) or (n.op == "call_function" and n.target is torch.reshape)
+    )
+
+
+def module_path(n: fx.Node) -> str:
+    """Best-effort module path of a node ("model.layers.0.mlp.down_proj"), for reports only."""
+    stack = n.meta.get("nn_module_stack") or {}
+    if not stack:
+        return n.name
+    path = list(stack.values())[-1][0]
+    for prefix in ("L['self'].", "L['args'][0].", "L['self']", "L['args'][0]"):
+        if path.startswith(prefix):
+            return path[len(prefix):]
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# elementwise region (the activation, the gate product)
+# ----------------------------------------------------------------------------------------------
+
+# Pointwise functions a channel-wise activation region may contain (H[j] depends only on g[j], u[j]).
+_NONLINEAR_FUNCS = {
+    torch.nn.functional.silu: "silu",
+    torch.nn.functional.gelu: "gelu",
+    torch.nn.functional.relu: "relu",
+    torch.nn.functional.relu6: "relu6",
+    torch.nn.functional.leaky_relu: "leaky_relu",
+    torch.nn.functional.elu: "elu",
+    torch.nn.functional.selu: "selu",
+    torch.nn.functional.celu: "celu",
+    torch.nn.functional.mish: "mish",
+    torch.nn.functional.hardswish: "hardswish",
+    torch.nn.functional.softplus: "softplus",
+    torch.nn.functional.sigmoid: "sigmoid",
+    torch.sigmoid: "sigmoid",
+    torch.tanh: "tanh",
+    torch.relu: "relu",
+    torch.erf: "erf",
+    torch.exp: "exp",
+    torch.square: "square",
+    torch.pow: "pow",
+    operator.pow: "pow",
+    torch.sqrt: "sqrt",
+    torch.rsqrt: "rsqrt",
+}
+_LINEAR_FUNCS = {
+    operator.mul, operator.add, operator.sub, operator.truediv, operator.neg,
+    torch.mul, torch.add, torch.sub, torch.div, torch.neg,
+}
+_NONLINEAR_METHODS = {"sigmoid", "tanh", "relu", "pow", "exp", "erf", "square", "sqrt", "rsqrt"}
+_LINEAR_METHODS = {"mul", "add", "sub", "div", "neg", "__mul__", "__add__", "__rmul__", "__radd__", "to", "float", "type_as"}
+
+
+def elementwise_kind(n: fx.Node) -> str | None:
+    """"nonlinear" / "linear" for a whitelisted pointwise op, else None."""
+    if n.op == "call_function":
+        if n.target in _NONLINEAR_FUNCS:
+            return "nonlinear"
+        if n.target in _LINEAR_FUNCS:
+            return "linear"
+    if n.op == "call_method":
+        if n.target in _NONLINEAR_METHODS:
+            return "nonlinear"
+        if n.target in _LINEAR_METHODS:
+            return "linear"
+    return None
+
+
+_ACTIVATION_NAMES = {"silu", "gelu", "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "mish", "hardswish",
+                     "softplus", "sigmoid", "tanh", "erf"}
+
+
+def _is_activation(n: fx.Node) -> bool:
+    """An activation function proper (not a norm's pow/rsqrt): evidence that this is an FFN."""
+    if n.op == "call_function":
+        return _NONLINEAR_FUNCS.get(n.target) in _ACTIVATION_NAMES
+    return n.op == "call_method" and n.target in _ACTIVATION_NAMES
+
+
+def activation_name(region: list[fx.Node]) -> str:
+    """A readable name of the region's activation (for reports)."""
+    names = set()
+    for n in region:
+        if n.op == "call_function" and n.target in _NONLINEAR_FUNCS:
+            name = _NONLINEAR_FUNCS[n.target]
+            if name == "gelu" and n.kwargs.get("approximate", "none") == "tanh":
+                name = "gelu_tanh"
+            names.add(name)
+        elif n.op == "call_method" and n.target in _NONLINEAR_METHODS:
+            names.add(n.target)
+    if {"tanh", "pow"} <= names:
+        return "gelu_tanh (written out)"
+    for known in ("silu", "gelu_tanh", "gelu", "relu", "relu6", "mish", "hardswish", "elu", "selu", "sigmoid"):
+        if known in names:
+            return known
+    return "+".join(sorted(names)) or "none"
+
+
+# ----------------------------------------------------------------------------------------------
+# sources (up projections) and the site
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """One up projection feeding the activation region."""
+
+    leaf: fx.Node
+    """the node the region reads (linear output, Conv1D's view, or a chunk getitem)"""
+    proj: fx.Node
+    """the projection node (linear or addmm)"""
+    x: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    conv1d: bool = False
+    chunk_index: int | None = None
+    view_after: fx.Node | None = None
+
+
+@dataclass
+class SiteMatch:
+    pattern: "Pattern"
+    down: fx.Node
+    down_weight: fx.Node
+    down_bias: fx.Node | None
+    h: fx.Node
+    h_views: list[fx.Node]
+    region: list[fx.Node]
+    sources: list[Source]
+    d_ff: int
+    d_model: int
+    conv1d: bool
+    activation: str
+    path: str
+    param: torch.Tensor
+
+    @property
+    def kind(self) -> str:
+        return self.pattern.kind
+
+    @property
+    def tokens(self):
+        """Tokens per sequence of this graph (an int 1 in decode graphs; Dynamo specializes 1)."""
+        return val(self.h).shape[-2]
+
+    @property
+    def is_decode(self) -> bool:
+        t = self.tokens
+        return isinstance(t, int) and t == 1
+
+
+@dataclass
+class Skipped:
+    path: str
+    reason: str
+    param: torch.Tensor | None = None
+
+
+class NoMatch(Exception):
+    """Raised inside matching with the reason an FFN-like block is left dense."""
+
+
+def _source_of(a: fx.Node, d_ff: int) -> Source | None:
+    """If ``a`` is the output of an up projection to d_ff channels, describe it."""
+    lp = linear_parts(a)
+    if lp is not None:
+        x, w, b = lp
+        wv = param_of(w)
+        if wv is not None and wv.dim() == 2 and wv.shape[0] == d_ff:
+            return Source(a, a, x, w, b)
+        return None
+    if is_view(a) and isinstance(a.args[0], fx.Node):
+        mm = addmm_parts(a.args[0])
+        if mm is not None:
+            x, w, b = mm
+            wv = param_of(w)
+            if wv is not None and wv.dim() == 2 and wv.shape[1] == d_ff:
+                return Source(a, a.args[0], x, w, b, conv1d=True, view_after=a)
+        return None
+    if a.op == "call_function" and a.target is operator.getitem and isinstance(a.args[0], fx.Node):
+        ch = a.args[0]
+        is_chunk = (ch.op == "call_method" and ch.target == "chunk") or (ch.op == "call_function" and ch.target is torch.chunk)
+        if not is_chunk:
+            return None
+        chunks = ch.args[1] if len(ch.args) > 1 else ch.kwargs.get("chunks")
+        dim = ch.args[2] if len(ch.args) > 2 else ch.kwargs.get("dim", 0)
+        lin = ch.args[0]
+        lp = linear_parts(lin) if isinstance(lin, fx.Node) else None
+        if chunks != 2 or dim not in (-1, len(val(lin).shape) - 1 if val(lin) is not None else -1) or lp is None:
+            return None
+        x, w, b = lp
+        wv = param_of(w)
+        if wv is not None and wv.dim() == 2 and wv.shape[0] == 2 * d_ff:
+            return Source(a, lin, x, w, b, chunk_index=int(a.args[1]))
+    return None
+
+
+def _tensor_args(n: fx.Node) -> list:
+    return [a for a in list(n.args) + list(n.kwargs.values()) if isinstance(a, fx.Node)]
+
+
+def _scalar_ok(a) -> bool:
+    return a is None or isinstance(a, (int, float, bool, str, torch.dtype))
+
+
+def match_site(down: fx.Node) -> SiteMatch | Skipped | None:
+    """Match the FFN whose down projection is ``down``; None if ``down`` is no projection of a Parameter."""
+    lp = linear_parts(down)
+    conv1d = False
+    if lp is not None:
+        hin, w, b = lp
+        wv = param_of(w)
+        if wv is None or wv.dim() != 2:
+            return None
+        d_ff = wv.shape[1]
+    else:
+        mm = addmm_parts(down)
+        if mm is None:
+            return None
+        hin, w, b = mm
+        wv = param_of(w)
+        if wv is None or wv.dim() != 2:
+            return None
+        d_ff = wv.shape[0]
+        conv1d = True
+    path = module_path(down)
+    try:
+        m = _match_from(down, hin, w, b, wv, d_ff, conv1d, path)
+    except NoMatch as e:
+        return Skipped(path, str(e), wv)
+    return m
+
+
+def _match_from(down, hin, w, b, wv, d_ff, conv1d, path) -> SiteMatch | None:
+    # H may sit behind shape-only views (GPT-2 flattens tokens before addmm).
+    h_views = []
+    h = hin
+    while is_view(h) and len(h.users) == 1:
+        h_views.append(h)
+        h = h.args[0]
+    hv = val(h)
+    if hv is None or hv.shape[-1] != d_ff:
+        return None
+    # Walk back through the elementwise region to the up projections. A node that is not a
+    # channel-wise op stops the walk there; whether that makes a *skipped FFN* or *no FFN at all*
+    # depends on whether an activation function was seen (norms and residual adds have none).
+    region, sources, seen, frontier, failures = [], [], set(), [h], []
+    while frontier:
+        n = frontier.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        src = _source_of(n, d_ff)
+        if src is not None:
+            sources.append(src)
+            continue
+        if n.op == "placeholder":
+            failures.append(f"{n.name} (a graph input) feeds the activation directly")
+            continue
+        kind = elementwise_kind(n)
+        nv = val(n)
+        if kind is None:
+            failures.append(f"{n.op} {getattr(n.target, '__name__', n.target)} between the up and down projections is not a known elementwise op")
+            continue
+        if nv is None or tuple(nv.shape) != tuple(hv.shape):
+            failures.append(f"{n.name} changes the activation's shape (broadcast or reduction): not channel-wise")
+            continue
+        bad = [a for a in list(n.args) + list(n.kwargs.values()) if not isinstance(a, fx.Node) and not _scalar_ok(a)]
+        if bad:
+            failures.append(f"{n.name} takes a non-scalar argument {bad[0]!r}")
+            continue
+        frontier.extend(a for a in list(n.args) + list(n.kwargs.values()) if isinstance(a, fx.Node))
+        region.append(n)
+    if not any(_is_activation(n) for n in region):
+        return None  # not an FFN (attention output, a norm's consumer, the LM head, ...)
+    if failures:
+        raise NoMatch(failures[0])
+    if not sources:
+        raise NoMatch("no up projection of a Parameter feeds the activation")
+    # The region and the sources must feed nothing but the site: the rewrite changes their width.
+    inside = set(region) | {s.leaf for s in sources}
+    allowed = inside | set(h_views) | {down}
+    for n in region:
+        for u in n.users:
+            if u not in allowed:
+                raise NoMatch(f"intermediate {n.name} is also used outside the FFN ({u.name})")
+    for s in sources:
+        for u in s.leaf.users:
+            if u not in allowed:
+                raise NoMatch(f"up projection {s.leaf.name} is also used outside the FFN ({u.name})")
+    if hv.dim() != 3:
+        raise NoMatch(f"activation has shape {tuple(hv.shape)}, not [batch, tokens, d_ff]")
+    xs = {s.x for s in sources}
+    if len(xs) != 1:
+        raise NoMatch("the up projections read different inputs")
+    for pat in PATTERNS:
+        if pat.applies(sources, conv1d):
+            d_model = param_of(sources[0].weight).shape[0 if sources[0].conv1d else 1]
+            # Region nodes in graph order, so a copy can replay them.
+            order = {n: i for i, n in enumerate(down.graph.nodes)}
+            region.sort(key=order.__getitem__)
+            sources.sort(key=lambda s: (order[s.leaf]))
+            return SiteMatch(pat, down, w, b, h, h_views, region, sources, d_ff, d_model, conv1d,
+                             activation_name(region), path.rsplit(".", 1)[0] if "." in path else path, param_of(w))
+    raise NoMatch(f"up projections of shapes {[tuple(param_of(s.weight).shape) for s in sources]} fit no pattern")
+
+
+# ----------------------------------------------------------------------------------------------
+# the pattern table
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pattern:
+    name: str
+    kind: str
+    rewrite: str
+    """the rewrite, one line: dense form -> POP form"""
+    applies: Callable[[list[Source], bool], bool] = field(repr=False, compare=False)
+
+
+def _one(kind_ok):
+    return lambda srcs, conv1d: len(srcs) == 1 and kind_ok(srcs[0], conv1d)
+
+
+PATTERNS: tuple[Pattern, ...] = (
+    Pattern(
+        "PlainLinear", "plain",
+        "linear(act(linear(x, W1, b1)), W2, b2) -> decode: pop.decode(act(linear(x, W1[R∪C], b1[R∪C])), W2ᵀ[R∪C])",
+        _one(lambda s, conv1d: not s.conv1d and s.chunk_index is None and not conv1d),
+    ),
+    Pattern(
+        "PlainConv1D", "plain",
+        "addmm(b2, act(addmm(b1, x, W1)), W2) -> decode: pop.decode(act(linear(x, W1ᵀ[R∪C], b1[R∪C])), W2[R∪C])",
+        _one(lambda s, conv1d: s.conv1d and conv1d),
+    ),
+    Pattern(
+        "GatedLinear", "gated",
+        "linear(act(linear(x, Wg)) * linear(x, Wu), Wd) (either operand order) -> decode: one linear(x, [Wg;Wu][R∪C]) split, act·mul, pop.decode",
+        lambda srcs, conv1d: len(srcs) == 2 and not conv1d and all(not s.conv1d and s.chunk_index is None for s in srcs),
+    ),
+    Pattern(
+        "FusedGatedLinear", "fused_gated",
+        "linear(act(g) * u, Wd) with g, u = chunk(linear(x, Wgu), 2) -> decode: chunk(linear(x, Wgu[R∪C, d_ff+R∪C])), pop.decode",
+        lambda srcs, conv1d: len(srcs) == 2 and not conv1d and srcs[0].proj is srcs[1].proj
+        and {s.chunk_index for s in srcs} == {0, 1},
+    ),
+)
+
+
+def find_sites(gm: fx.GraphModule) -> tuple[list[SiteMatch], list[Skipped]]:
+    """Every site in the graph (in graph order) and every FFN-like block left dense, with its reason."""
+    sites, skipped = [], []
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function":
+            continue
+        r = match_site(n)
+        if isinstance(r, SiteMatch):
+            sites.append(r)
+        elif isinstance(r, Skipped):
+            skipped.append(r)
+    # A fused gate_up is itself a linear whose "input" is never an activation; nothing else to filter.
+    return sites, skipped
+

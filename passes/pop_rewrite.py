@@ -1,0 +1,171 @@
+"""Rewrite matched sites into ``pop::`` ops (prefill graphs) or R∪C layouts + ``pop::`` ops (decode graphs).
+
+Prefill graph (more than one token per sequence)::
+
+    H = act(up(x)) [· up2(x)]                 # unchanged: dense gate/up over all channels
+    y = pop.prefill(H, attention_mask, Wd, bd, W_up…, b_up…, state…)   # was: down(H)
+
+Decode graph (one token per sequence), scope="batch"::
+
+    z = linear(x, state.w_in, state.b_in)     # was: up(x) [and up2(x)] over all d_ff channels
+    g, u = z[..., :n_RC], z[..., n_RC:]       # gated only (fused gate_up keeps its chunk)
+    H_rc = act(g) [· u]                       # the same elementwise nodes, now n_R + n_C wide
+    y = pop.decode(H_rc, state.wd_t, bd, state.wd_norm_c, n_R, n_select)   # was: down(H)
+
+Decode graph, scope="sequence": ``z = pop.gather_in(x, W_up…, state.rc_idx)`` and
+``pop.decode_seq`` read each sequence's own R ∪ C from the original weights.
+
+State tensors enter the graph as new placeholders (appended after Dynamo's);
+the backend's wrapper passes the real tensors at every call.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+import pop_fx.ops  # noqa: F401  (registers torch.ops.pop)
+from pop_fx import ops
+from pop_fx.state import STATE_NAMES, SiteState
+
+from .match_ffn import SiteMatch, is_view, val
+
+pop = torch.ops.pop
+
+
+def site_flags(m: SiteMatch) -> int:
+    return (ops.FUSED if m.kind == "fused_gated" else 0) | (ops.CONV1D if m.conv1d else 0)
+
+
+def n_inputs(m: SiteMatch) -> int:
+    """Gate/up weight blocks per channel: 2 for gated kinds, 1 for plain."""
+    return 2 if m.kind in ("gated", "fused_gated") else 1
+
+
+def _weights(m: SiteMatch):
+    """(w_a, b_a, w_b, b_b) graph nodes in the order ``pop_fx.ops`` lays them out."""
+    s = m.sources
+    if m.kind == "gated":
+        return s[0].weight, s[0].bias, s[1].weight, s[1].bias
+    return s[0].weight, s[0].bias, None, None
+
+
+def add_state_placeholders(gm: fx.GraphModule, st: SiteState, prefix: str) -> dict[str, fx.Node]:
+    """One placeholder per state tensor, after Dynamo's; static (address-stable) inputs for Inductor."""
+    g = gm.graph
+    last = [n for n in g.nodes if n.op == "placeholder"][-1]
+    nodes = {}
+    with g.inserting_after(last):
+        for name in reversed(STATE_NAMES):
+            ph = g.placeholder(f"{prefix}_{name}")
+            ph._dynamo_source = None  # AOT refuses an unknown source; None marks "not from user code"
+            ph.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+            ph.meta["example_value"] = st.tensors[name]
+            ph.meta["pop_state"] = name
+            nodes[name] = ph
+    return nodes
+
+
+def _replace_down(g: fx.Graph, m: SiteMatch, y: fx.Node) -> None:
+    """Make ``y`` ([..., tokens, d_out], H's leading dims) stand where the down projection was."""
+    dv = val(m.down)
+    hv = val(m.h)
+    out = y
+    if dv is not None and hv is not None and dv.dim() != hv.dim():
+        with g.inserting_after(y):
+            out = g.call_function(torch.flatten, (y, 0, hv.dim() - dv.dim()))
+    m.down.replace_all_uses_with(out)
+    g.erase_node(m.down)
+    for v in m.h_views:
+        if not v.users:
+            g.erase_node(v)
+
+
+def _attention_mask(gm: fx.GraphModule) -> fx.Node | None:
+    """The [batch, keys] attention mask input, when the graph has one (it carries the left padding)."""
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and "attention_mask" in n.name:
+            v = val(n)
+            if v is not None and v.dim() == 2:
+                return n
+    return None
+
+
+def rewrite_prefill(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state: dict[str, fx.Node]) -> None:
+    g = gm.graph
+    cfg = st.config
+    w_a, b_a, w_b, b_b = _weights(m)
+    with g.inserting_before(m.down):
+        y = g.call_function(
+            pop.prefill.default,
+            (m.h, _attention_mask(gm), m.down_weight, m.down_bias, w_a, b_a, w_b, b_b,
+             state["wd_norm"], state["rc_idx"], state["wd_norm_c"], state["w_in"], state["b_in"], state["wd_t"],
+             st.sizes.n_keep, st.sizes.n_R, st.sizes.n_C, st.flags,
+             cfg.scope == "sequence", cfg.prefill == "pruned"),
+        )
+    _replace_down(g, m, y)
+
+
+def rewrite_decode(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state: dict[str, fx.Node]) -> None:
+    g = gm.graph
+    sizes = st.sizes
+    n_rc = sizes.n_R + sizes.n_C
+    per_seq = st.config.scope == "sequence"
+    src0 = m.sources[0]
+    x = src0.x
+    w_a, b_a, w_b, b_b = _weights(m)
+    # 1. gate/up over R ∪ C only: one projection replaces the site's one or two.
+    anchor = min((s.proj for s in m.sources), key=lambda n: list(g.nodes).index(n))
+    with g.inserting_before(anchor):
+        if per_seq:
+            z = g.call_function(pop.gather_in.default, (x, w_a, b_a, w_b, b_b, state["rc_idx"], m.d_ff, st.flags))
+        else:
+            z = g.call_function(torch._C._nn.linear, (x, state["w_in"], state["b_in"]))
+    if m.kind == "fused_gated":
+        src0.proj.replace_all_uses_with(z)  # the chunk(2) that follows still splits gate | up
+    elif m.kind == "gated":
+        with g.inserting_after(z):
+            parts = [g.call_function(torch.narrow, (z, -1, i * n_rc, n_rc)) for i in range(2)]
+        for s, p in zip(m.sources, parts):
+            s.leaf.replace_all_uses_with(p)
+    elif src0.conv1d:
+        src0.proj.replace_all_uses_with(z)
+        v = src0.view_after  # its target shape names d_ff explicitly: narrow it to |R ∪ C|
+        args = list(v.args)
+        if len(args) == 2 and isinstance(args[1], (tuple, list)):
+            args[1] = type(args[1])(list(args[1])[:-1] + [n_rc])
+        else:
+            args[-1] = n_rc
+        v.args = tuple(args)
+    else:
+        src0.leaf.replace_all_uses_with(z)
+    for s in m.sources:
+        for n in (s.leaf, s.proj):
+            if n in g.nodes and not n.users and n is not z:
+                g.erase_node(n)
+    # Chunk getitems of a fused projection were leaves: they stay (they now split z).
+    # 2. down over R ∪ selected candidates.
+    with g.inserting_before(m.down):
+        if per_seq:
+            y = g.call_function(pop.decode_seq.default,
+                                (m.h, m.down_weight, m.down_bias, state["wd_norm_c"], state["rc_idx"],
+                                 sizes.n_R, sizes.n_select, st.flags))
+        else:
+            y = g.call_function(pop.decode.default,
+                                (m.h, state["wd_t"], m.down_bias, state["wd_norm_c"], sizes.n_R, sizes.n_select))
+    _replace_down(g, m, y)
+
+
+def pop_ops_in(gm: fx.GraphModule) -> dict[str, int]:
+    """Count of each ``pop::`` op in a graph (for tests and reports)."""
+    counts: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "pop":
+            name = n.target._opname
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+_ = (operator, is_view)

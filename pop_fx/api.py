@@ -1,0 +1,144 @@
+"""The user-facing verbs: compile, decompile, reset, report."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import state as _state
+from .config import PopConfig
+
+
+def compile(model: torch.nn.Module, config: PopConfig | dict | None = None, *, mode: str | None = None,
+            **fields: Any) -> torch.nn.Module:
+    """Compile ``model`` in place with ``backend="pop"`` so that ``model.generate()`` uses it; returns the model.
+
+    ``torch.compile(model).generate(...)`` would run the *uncompiled* forward (``generate`` is the
+    original module's method), so this compiles the module in place (``model.compile``). It also
+    makes every ``generate()`` start from a clean partition, and points transformers' own
+    auto-compile (CUDA + static cache) at the same backend via ``generation_config.compile_config``.
+    ``mode`` is Inductor's mode (e.g. "reduce-overhead"); ``fields`` are PopConfig fields.
+    """
+    from .backend import pop_backend
+
+    cfg = PopConfig.from_options(config, **fields)
+    if mode is not None:
+        cfg = cfg.replace(mode=mode)
+    backend = functools.partial(pop_backend, config=cfg)
+    model.compile(backend=backend)
+    model._pop_config = cfg
+    if hasattr(model, "generate") and "generate" not in vars(model):
+        original = model.generate
+
+        @functools.wraps(original)
+        def generate(*args, **kwargs):
+            # A new generation never reads the previous one's partition (one-token prompts included).
+            reset(model)
+            return original(*args, **kwargs)
+
+        model.generate = generate
+    gen_cfg = getattr(model, "generation_config", None)
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    if gen_cfg is not None and on_cuda:  # transformers auto-compiles only on CUDA (and warns elsewhere)
+        try:
+            from transformers import CompileConfig
+
+            gen_cfg.compile_config = CompileConfig(backend=backend, mode=None)
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            pass
+    return model
+
+
+def decompile(model: torch.nn.Module) -> torch.nn.Module:
+    """The way back: the dense, uncompiled model (its Parameters were never modified)."""
+    model._compiled_call_impl = None
+    vars(model).pop("generate", None)
+    vars(model).pop("_pop_config", None)
+    gen_cfg = getattr(model, "generation_config", None)
+    if gen_cfg is not None and getattr(gen_cfg, "compile_config", None) is not None:
+        gen_cfg.compile_config = None
+    for attr in ("_compiled_call", "_last_compile_config"):
+        vars(model).pop(attr, None)
+    reset(model)
+    return model
+
+
+def reset(model: torch.nn.Module) -> None:
+    """Forget every partition of ``model``: the next forward starts from a clean state."""
+    _state.reset(model)
+
+
+@dataclass
+class Report:
+    """What the pop backend did with a model's FFNs."""
+
+    sites: list[dict] = field(default_factory=list)
+    dense: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def extra_bytes(self) -> int:
+        return sum(s["extra_bytes"] for s in self.sites)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.sites:
+            out[s["kind"]] = out.get(s["kind"], 0) + 1
+        out["dense"] = len(self.dense)
+        return out
+
+    def as_dict(self) -> dict:
+        return {"sites": self.sites, "dense": self.dense, "warnings": self.warnings,
+                "counts": self.counts(), "extra_bytes": self.extra_bytes}
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.sites)} POP sites, {len(self.dense)} FFN-like blocks left dense, "
+                 f"{self.extra_bytes / 2**20:.1f} MiB of layout buffers"]
+        lines.append(f"{'path':40s} {'kind':13s} {'act':10s} {'d_ff':>6s} {'|R|':>6s} {'|C|':>6s} {'|P|':>6s} graphs")
+        for s in self.sites:
+            lines.append(f"{s['path']:40s} {s['kind']:13s} {s['activation']:10s} {s['d_ff']:6d} {s['n_R']:6d} "
+                         f"{s['n_C']:6d} {s['n_P']:6d} {','.join(s['graphs'])}")
+        for d in self.dense:
+            lines.append(f"{d['path']:40s} dense: {d['reason']}")
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+
+def report(model: torch.nn.Module, config: PopConfig | None = None) -> Report:
+    """Every POP site of ``model`` (path, kind, d_ff, |R|, |C|, |P|) and every FFN-like block left dense, with why.
+
+    Filled as graphs are compiled: call it after a ``generate()`` (or any forward) of the compiled model.
+    """
+    cfg = config or getattr(model, "_pop_config", None)
+    rep = Report()
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        path = name.rsplit(".", 2)[0] if name.count(".") >= 2 else name
+        for c, st in _state.states_of(p).items():
+            if cfg is not None and c != cfg:
+                continue
+            s = st.sizes
+            rep.sites.append({
+                "path": path, "kind": st.kind, "activation": st.info.get("activation", ""),
+                "pattern": st.info.get("pattern", ""), "d_ff": st.d_ff, "n_keep": s.n_keep,
+                "n_R": s.n_R, "n_C": s.n_C, "n_P": s.n_P, "graphs": sorted(st.graphs),
+                "extra_bytes": st.extra_bytes,
+            })
+            if st.graphs == {"decode"}:
+                rep.warnings.append(f"{path}: decode graphs are pruned but no prefill graph was (a graph break or "
+                                    "the recompile limit ran the prefill without POP): decoding uses a stale or "
+                                    "empty partition")
+            elif st.graphs == {"prefill"}:
+                rep.warnings.append(f"{path}: only the prefill graph was rewritten; decode runs dense")
+        for c, nt in _state.notes_of(p).items():
+            if cfg is not None and c != cfg:
+                continue
+            if nt["reason"] != "pop" and not _state.states_of(p).get(c):
+                rep.dense.append({"path": path, "kind": nt["kind"], "reason": nt["reason"], "matched": nt["matched"]})
+    return rep

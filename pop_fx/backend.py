@@ -1,0 +1,186 @@
+"""The ``pop`` Dynamo backend: match FFN sites, rewrite them into ``pop::`` ops, lower.
+
+    model.compile(backend="pop", options={"sparsity": 0.5})     # or pop_fx.compile(model, sparsity=0.5)
+
+Dynamo hands the backend its torch-level FX graph (weights are placeholders
+whose ``grapharg`` is the real Parameter). Prefill and decode are separate
+graphs: a graph whose FFN activations have the token dimension 1 (Dynamo
+specializes 1 to a Python int) is a decode graph, any other is a prefill graph.
+The backend rewrites a *copy* of the graph (Dynamo keeps reading the original's
+placeholders after we return), appends one placeholder per state tensor and
+returns a wrapper that passes the real state tensors at every call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from . import state as _state
+from .config import PopConfig
+from .partition import partition_sizes
+from .state import STATE_NAMES
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    g = fx.Graph()
+    val_map: dict[fx.Node, fx.Node] = {}
+    out = g.graph_copy(gm.graph, val_map)
+    g.output(out)
+    for old, new in val_map.items():
+        if old.op == "placeholder":
+            new._dynamo_source = getattr(old, "_dynamo_source", None)
+    gm2 = fx.GraphModule(gm, g)
+    gm2.meta = dict(gm.meta)
+    return gm2
+
+
+def passes_uuid(config: PopConfig) -> str:
+    """Hash of the passes' and ops' source and the config: compiled graphs of two configs never mix."""
+    import passes.match_ffn
+    import passes.pop_rewrite
+
+    from . import ops
+
+    h = hashlib.sha256()
+    for mod in (passes.match_ffn, passes.pop_rewrite, ops):
+        h.update(inspect.getsource(mod).encode())
+    h.update(repr(sorted(config.as_dict().items())).encode())
+    return h.hexdigest()
+
+
+class PopCompiler:
+    """One backend instance per config: matches, rewrites and lowers each graph Dynamo hands it."""
+
+    def __init__(self, config: PopConfig):
+        self.config = config
+        self.last: dict[str, Any] = {}
+
+    def uuid(self) -> str:
+        return passes_uuid(self.config)
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+        from passes.match_ffn import find_sites
+        from passes.pop_rewrite import add_state_placeholders, n_inputs, rewrite_decode, rewrite_prefill, site_flags
+
+        cfg = self.config
+        gm2 = _copy_graph_module(gm)
+        sites, skipped = find_sites(gm2)
+        for s in skipped:
+            if s.param is not None:
+                _state.note(s.param, cfg, None, s.reason, path=s.path)
+        state_tensors: list[torch.Tensor] = []
+        rewritten = {"prefill": 0, "decode": 0}
+        for i, m in enumerate(sites):
+            sizes = partition_sizes(m.d_ff, cfg.sparsity, cfg.candidate_ratio)
+            if sizes.n_keep >= m.d_ff:
+                _state.note(m.param, cfg, m.kind, "dense: every channel kept (sparsity 0)", path=m.path, matched=True)
+                continue
+            if sizes.n_keep < 1:
+                _state.note(m.param, cfg, m.kind,
+                            f"dense: d_ff={m.d_ff} too small for sparsity={cfg.sparsity} (n_keep < 1)", path=m.path,
+                            matched=True)
+                continue
+            in_dtype = _param(m.sources[0].weight).dtype
+            st = _state.get_or_create(m.param, cfg, kind=m.kind, d_ff=m.d_ff, d_model=m.d_model,
+                                      flags=site_flags(m), n_in=n_inputs(m), in_dtype=in_dtype)
+            st.info.update(pattern=m.pattern.name, activation=m.activation, path=m.path)
+            nodes = add_state_placeholders(gm2, st, f"pop_site{i}")
+            graph_kind = "decode" if m.is_decode else "prefill"
+            (rewrite_decode if m.is_decode else rewrite_prefill)(gm2, m, st, nodes)
+            st.graphs.add(graph_kind)
+            rewritten[graph_kind] += 1
+            state_tensors.extend(st.tensors[name] for name in STATE_NAMES)
+            _state.note(m.param, cfg, m.kind, "pop", path=m.path, matched=True)
+        gm2.graph.lint()
+        gm2.recompile()
+        self.last = {"matched": len(sites), "skipped": len(skipped), **rewritten}
+        if cfg.debug:
+            print(f"[pop] graph: {len(sites)} sites matched, {rewritten} rewritten, {len(skipped)} left dense")
+            for s in skipped:
+                print(f"[pop]   dense {s.path}: {s.reason}")
+            print("[pop] before:\n" + gm.print_readable(print_output=False))
+            print("[pop] after:\n" + gm2.print_readable(print_output=False))
+        if not state_tensors:
+            return self._lower(gm, list(example_inputs))
+        return self._lower(gm2, list(example_inputs), state_tensors)
+
+    def _lower(self, gm: fx.GraphModule, example_inputs: list, state_tensors: list[torch.Tensor] | None = None):
+        cfg = self.config
+        state_tensors = state_tensors or []
+        if cfg.lowering == "eager":
+            fn = gm.forward
+        else:
+            from torch._inductor import list_mode_options
+            from torch._inductor.compile_fx import compile_fx
+
+            fakes = []
+            if state_tensors:
+                fake_mode = _fake_mode(example_inputs)
+                fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in state_tensors]
+            patches = list_mode_options(cfg.mode) if cfg.mode not in (None, "default") else {}
+            fn = compile_fx(gm, example_inputs + fakes, config_patches=patches)
+        if not state_tensors:
+            return fn
+        # compile_fx's forward takes unboxed arguments (it only inherits a `_boxed_call` attribute).
+        def run(*args):
+            return fn(*args, *state_tensors)
+
+        return run
+
+
+def _param(node: fx.Node) -> torch.Tensor:
+    from passes.match_ffn import param_of
+
+    p = param_of(node)
+    assert p is not None
+    return p
+
+
+def _fake_mode(example_inputs):
+    ctx = torch._guards.TracingContext.try_get()
+    if ctx is not None and ctx.fake_mode is not None:
+        return ctx.fake_mode
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode(example_inputs)
+    if mode is None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode()
+    return mode
+
+
+def pop_backend(gm: fx.GraphModule, example_inputs: list, *, options: Any = None, mode: str | None = None,
+                config: PopConfig | None = None, **_: Any):
+    """Dynamo backend entry: ``torch.compile(m, backend="pop", options={...})``; a bad option raises ValueError."""
+    cfg = PopConfig.from_options(config if config is not None else options)
+    if mode is not None:
+        cfg = cfg.replace(mode=mode)
+    return PopCompiler(cfg)(gm, example_inputs)
+
+
+def register() -> None:
+    """Make ``backend="pop"`` resolve after ``import pop_fx``.
+
+    When pop-fx is pip-installed, Dynamo finds it through the ``torch_dynamo_backends``
+    entry point and loads ``pop_backend`` itself (registering here as well would make that
+    load fail as a duplicate); from a source tree without the entry point, register directly.
+    """
+    from torch._dynamo.backends import registry
+
+    registry._discover_entrypoint_backends()
+    if registry._BACKENDS.get("pop") is not None or "pop" in registry._COMPILER_FNS:
+        return
+    registry.register_backend(pop_backend, name="pop")
+
+
+def warn_once(msg: str, _seen: set = set()) -> None:  # noqa: B006 - the set is the once-only memory
+    if msg not in _seen:
+        _seen.add(msg)
+        warnings.warn(msg, stacklevel=3)

@@ -1,0 +1,104 @@
+"""Per-site state shared by a model's prefill and decode graphs.
+
+A site is identified by its down projection's Parameter (POP_SPEC), so the
+prefill graph and every decode graph of one model find the same state; two
+models, or one model compiled with two configs, never share any. The state's
+tensors are allocated once, written in place by the prefill graph and read by
+the decode graphs (see ``pop_fx.ops`` for their meaning).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary  # tensors compare elementwise: key them by identity
+
+from . import ops
+from .config import PopConfig
+from .partition import PartitionSizes, down_column_norm, partition_sizes
+
+STATE_NAMES = ("wd_norm", "rc_idx", "wd_norm_c", "w_in", "b_in", "wd_t")
+
+
+@dataclass
+class SiteState:
+    kind: str
+    d_ff: int
+    d_model: int
+    d_out: int
+    sizes: PartitionSizes
+    flags: int
+    n_in: int
+    config: PopConfig
+    wd_norm: torch.Tensor
+    tensors: dict[str, torch.Tensor]
+    graphs: set = field(default_factory=set)
+    """which graph kinds ("prefill", "decode") rewrote this site"""
+    info: dict = field(default_factory=dict)
+    """pattern, activation and module path, for reports"""
+
+    @property
+    def extra_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+_lock = threading.Lock()
+# down Parameter -> {PopConfig: SiteState}; weak so that a deleted model frees its state.
+_STATES: "WeakIdKeyDictionary[torch.Tensor, dict[PopConfig, SiteState]]" = WeakIdKeyDictionary()
+# any weight Parameter -> (site kind or None, reason) for the report
+_NOTES: "WeakIdKeyDictionary[torch.Tensor, dict[PopConfig, dict]]" = WeakIdKeyDictionary()
+
+
+def get_or_create(down_weight: torch.Tensor, config: PopConfig, *, kind: str, d_ff: int, d_model: int,
+                  flags: int, n_in: int, in_dtype: torch.dtype) -> SiteState:
+    with _lock:
+        per_cfg = _STATES.setdefault(down_weight, {})
+        st = per_cfg.get(config)
+        if st is not None:
+            return st
+        sizes = partition_sizes(d_ff, config.sparsity, config.candidate_ratio)
+        dev = down_weight.device
+        wd_norm = down_column_norm(down_weight, 0 if flags & ops.CONV1D else -1).to(dev)
+        d_out = down_weight.shape[1] if flags & ops.CONV1D else down_weight.shape[0]
+        n_rc = sizes.n_R + sizes.n_C
+        S = config.max_batch_size if config.scope == "sequence" else 1
+        batch = config.scope == "batch"
+        tensors = {
+            "wd_norm": wd_norm,
+            "rc_idx": torch.zeros(S, n_rc, dtype=torch.long, device=dev),
+            "wd_norm_c": torch.zeros(S, sizes.n_C, dtype=torch.float32, device=dev),
+            # Compact layouts only under scope="batch": per-sequence copies would multiply FFN memory by the batch.
+            "w_in": torch.zeros((n_in * n_rc, d_model) if batch else (0,), dtype=in_dtype, device=dev),
+            "b_in": torch.zeros((n_in * n_rc,) if batch else (0,), dtype=in_dtype, device=dev),
+            "wd_t": torch.zeros((n_rc, d_out) if batch else (0,), dtype=down_weight.dtype, device=dev),
+        }
+        st = SiteState(kind, d_ff, d_model, d_out, sizes, flags, n_in, config, wd_norm, tensors)
+        per_cfg[config] = st
+        return st
+
+
+def note(weight: torch.Tensor, config: PopConfig, kind: str | None, reason: str, *, path: str = "",
+         matched: bool = False) -> None:
+    """Record what the backend did with the FFN-like block whose down weight is ``weight``."""
+    with _lock:
+        _NOTES.setdefault(weight, {})[config] = {"kind": kind, "reason": reason, "path": path, "matched": matched}
+
+
+def states_of(param: torch.Tensor) -> dict[PopConfig, SiteState]:
+    return dict(_STATES.get(param, {}))
+
+
+def notes_of(param: torch.Tensor) -> dict[PopConfig, dict]:
+    return dict(_NOTES.get(param, {}))
+
+
+def reset(model: torch.nn.Module) -> None:
+    """Forget every partition of ``model`` (the next forward must be a prefill)."""
+    with _lock:
+        for p in model.parameters():
+            for st in _STATES.get(p, {}).values():
+                for name, t in st.tensors.items():
+                    if name != "wd_norm":
+                        t.zero_()
