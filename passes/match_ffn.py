@@ -112,6 +112,10 @@ _NONLINEAR_FUNCS = {
     torch.sqrt: "sqrt",
     torch.rsqrt: "rsqrt",
 }
+# Some activations reach the graph as their C bindings (e.g. GELU(approximate="tanh") -> torch._C._nn.gelu).
+for _name in ("gelu", "silu", "relu6", "elu", "hardswish", "mish", "softplus", "leaky_relu", "hardsigmoid"):
+    if hasattr(torch._C._nn, _name):
+        _NONLINEAR_FUNCS[getattr(torch._C._nn, _name)] = _name
 _LINEAR_FUNCS = {
     operator.mul, operator.add, operator.sub, operator.truediv, operator.neg,
     torch.mul, torch.add, torch.sub, torch.div, torch.neg,
@@ -202,15 +206,14 @@ class SiteMatch:
     activation: str
     path: str
     param: torch.Tensor
+    tokens: object
+    """tokens per sequence in this graph (an int 1 in decode graphs: Dynamo specializes 1)"""
+    batch_source: fx.Node | None = None
+    """for a token-flattened activation [B·L, d_ff] (OPT): the [B, L, ...] input that gives B"""
 
     @property
     def kind(self) -> str:
         return self.pattern.kind
-
-    @property
-    def tokens(self):
-        """Tokens per sequence of this graph (an int 1 in decode graphs; Dynamo specializes 1)."""
-        return val(self.h).shape[-2]
 
     @property
     def is_decode(self) -> bool:
@@ -264,8 +267,14 @@ def _source_of(a: fx.Node, d_ff: int) -> Source | None:
     return None
 
 
-def _tensor_args(n: fx.Node) -> list:
-    return [a for a in list(n.args) + list(n.kwargs.values()) if isinstance(a, fx.Node)]
+def _token_input(graph: fx.Graph) -> fx.Node | None:
+    """The input_ids [B, L] (or inputs_embeds [B, L, d]) placeholder, if the graph has one."""
+    for n in graph.nodes:
+        if n.op == "placeholder" and ("input_ids" in n.name or "inputs_embeds" in n.name):
+            v = val(n)
+            if v is not None and v.dim() >= 2:
+                return n
+    return None
 
 
 def _scalar_ok(a) -> bool:
@@ -330,6 +339,11 @@ def _match_from(down, hin, w, b, wv, d_ff, conv1d, path) -> SiteMatch | None:
         nv = val(n)
         if kind is None:
             failures.append(f"{n.op} {getattr(n.target, '__name__', n.target)} between the up and down projections is not a known elementwise op")
+            # Keep walking through a shape-preserving unknown op (not a projection): an activation behind it
+            # makes this a skipped FFN rather than no FFN at all.
+            if nv is not None and tuple(nv.shape) == tuple(hv.shape) and linear_parts(n) is None and addmm_parts(n) is None:
+                frontier.extend(a for a in list(n.args) + list(n.kwargs.values()) if isinstance(a, fx.Node))
+                region.append(n)
             continue
         if nv is None or tuple(nv.shape) != tuple(hv.shape):
             failures.append(f"{n.name} changes the activation's shape (broadcast or reduction): not channel-wise")
@@ -357,7 +371,17 @@ def _match_from(down, hin, w, b, wv, d_ff, conv1d, path) -> SiteMatch | None:
         for u in s.leaf.users:
             if u not in allowed:
                 raise NoMatch(f"up projection {s.leaf.name} is also used outside the FFN ({u.name})")
-    if hv.dim() != 3:
+    batch_source = None
+    if hv.dim() == 3:
+        tokens = hv.shape[-2]
+    elif hv.dim() == 2:
+        # Tokens flattened into rows (OPT): the model's [B, L] input tells B and L.
+        batch_source = _token_input(down.graph)
+        if batch_source is None:
+            raise NoMatch(f"activation has shape {tuple(hv.shape)} and the graph has no input_ids/inputs_embeds "
+                          "to tell batch from tokens")
+        tokens = val(batch_source).shape[1]
+    else:
         raise NoMatch(f"activation has shape {tuple(hv.shape)}, not [batch, tokens, d_ff]")
     xs = {s.x for s in sources}
     if len(xs) != 1:
@@ -370,7 +394,8 @@ def _match_from(down, hin, w, b, wv, d_ff, conv1d, path) -> SiteMatch | None:
             region.sort(key=order.__getitem__)
             sources.sort(key=lambda s: (order[s.leaf]))
             return SiteMatch(pat, down, w, b, h, h_views, region, sources, d_ff, d_model, conv1d,
-                             activation_name(region), path.rsplit(".", 1)[0] if "." in path else path, param_of(w))
+                             activation_name(region), path.rsplit(".", 1)[0] if "." in path else path, param_of(w),
+                             tokens, batch_source)
     raise NoMatch(f"up projections of shapes {[tuple(param_of(s.weight).shape) for s in sources]} fit no pattern")
 
 

@@ -71,11 +71,11 @@ def add_state_placeholders(gm: fx.GraphModule, st: SiteState, prefix: str) -> di
 def _replace_down(g: fx.Graph, m: SiteMatch, y: fx.Node) -> None:
     """Make ``y`` ([..., tokens, d_out], H's leading dims) stand where the down projection was."""
     dv = val(m.down)
-    hv = val(m.h)
+    y_dim = 3 if y.target is pop.prefill.default else val(m.h).dim()
     out = y
-    if dv is not None and hv is not None and dv.dim() != hv.dim():
+    if dv is not None and dv.dim() != y_dim:
         with g.inserting_after(y):
-            out = g.call_function(torch.flatten, (y, 0, hv.dim() - dv.dim()))
+            out = g.call_function(torch.flatten, (y, 0, y_dim - dv.dim()))
     m.down.replace_all_uses_with(out)
     g.erase_node(m.down)
     for v in m.h_views:
@@ -98,9 +98,13 @@ def rewrite_prefill(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state: dict
     cfg = st.config
     w_a, b_a, w_b, b_b = _weights(m)
     with g.inserting_before(m.down):
+        h = m.h
+        if val(h).dim() == 2:  # [B·L, d_ff] -> [B, L, d_ff]: importance is per token of each sequence
+            b = g.call_method("size", (m.batch_source, 0))
+            h = g.call_method("view", (h, b, -1, m.d_ff))
         y = g.call_function(
             pop.prefill.default,
-            (m.h, _attention_mask(gm), m.down_weight, m.down_bias, w_a, b_a, w_b, b_b,
+            (h, _attention_mask(gm), m.down_weight, m.down_bias, w_a, b_a, w_b, b_b,
              state["wd_norm"], state["rc_idx"], state["wd_norm_c"], state["w_in"], state["b_in"], state["wd_t"],
              st.sizes.n_keep, st.sizes.n_R, st.sizes.n_C, st.flags,
              cfg.scope == "sequence", cfg.prefill == "pruned"),

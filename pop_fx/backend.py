@@ -27,7 +27,7 @@ from .partition import partition_sizes
 from .state import STATE_NAMES
 
 
-def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     g = fx.Graph()
     val_map: dict[fx.Node, fx.Node] = {}
     out = g.graph_copy(gm.graph, val_map)
@@ -69,7 +69,7 @@ class PopCompiler:
         from passes.pop_rewrite import add_state_placeholders, n_inputs, rewrite_decode, rewrite_prefill, site_flags
 
         cfg = self.config
-        gm2 = _copy_graph_module(gm)
+        gm2 = copy_graph_module(gm)
         sites, skipped = find_sites(gm2)
         for s in skipped:
             if s.param is not None:
