@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -65,50 +66,17 @@ class PopCompiler:
         return passes_uuid(self.config)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
-        from passes.match_ffn import find_sites
-        from passes.pop_rewrite import add_state_placeholders, n_inputs, rewrite_decode, rewrite_prefill, site_flags
-
-        cfg = self.config
-        gm2 = copy_graph_module(gm)
-        sites, skipped = find_sites(gm2)
-        for s in skipped:
-            if s.param is not None:
-                _state.note(s.param, cfg, None, s.reason, path=s.path)
-        state_tensors: list[torch.Tensor] = []
-        rewritten = {"prefill": 0, "decode": 0}
-        for i, m in enumerate(sites):
-            sizes = partition_sizes(m.d_ff, cfg.sparsity, cfg.candidate_ratio)
-            if sizes.n_keep >= m.d_ff:
-                _state.note(m.param, cfg, m.kind, "dense: every channel kept (sparsity 0)", path=m.path, matched=True)
-                continue
-            if sizes.n_keep < 1:
-                _state.note(m.param, cfg, m.kind,
-                            f"dense: d_ff={m.d_ff} too small for sparsity={cfg.sparsity} (n_keep < 1)", path=m.path,
-                            matched=True)
-                continue
-            in_dtype = _param(m.sources[0].weight).dtype
-            st = _state.get_or_create(m.param, cfg, kind=m.kind, d_ff=m.d_ff, d_model=m.d_model,
-                                      flags=site_flags(m), n_in=n_inputs(m), in_dtype=in_dtype)
-            st.info.update(pattern=m.pattern.name, activation=m.activation, path=m.path)
-            nodes = add_state_placeholders(gm2, st, f"pop_site{i}")
-            graph_kind = "decode" if m.is_decode else "prefill"
-            (rewrite_decode if m.is_decode else rewrite_prefill)(gm2, m, st, nodes)
-            st.graphs.add(graph_kind)
-            rewritten[graph_kind] += 1
-            state_tensors.extend(st.tensors[name] for name in STATE_NAMES)
-            _state.note(m.param, cfg, m.kind, "pop", path=m.path, matched=True)
-        gm2.graph.lint()
-        gm2.recompile()
-        self.last = {"matched": len(sites), "skipped": len(skipped), **rewritten}
-        if cfg.debug:
-            print(f"[pop] graph: {len(sites)} sites matched, {rewritten} rewritten, {len(skipped)} left dense")
-            for s in skipped:
+        rw = rewrite_graph(gm, self.config)
+        self.last = rw.counts
+        if self.config.debug:
+            print(f"[pop] graph: {rw.counts}")
+            for s in rw.skipped:
                 print(f"[pop]   dense {s.path}: {s.reason}")
             print("[pop] before:\n" + gm.print_readable(print_output=False))
-            print("[pop] after:\n" + gm2.print_readable(print_output=False))
-        if not state_tensors:
+            print("[pop] after:\n" + rw.gm.print_readable(print_output=False))
+        if not rw.state_tensors:
             return self._lower(gm, list(example_inputs))
-        return self._lower(gm2, list(example_inputs), state_tensors)
+        return self._lower(rw.gm, list(example_inputs), rw.state_tensors)
 
     def _lower(self, gm: fx.GraphModule, example_inputs: list, state_tensors: list[torch.Tensor] | None = None):
         cfg = self.config
@@ -132,6 +100,53 @@ class PopCompiler:
             return fn(*args, *state_tensors)
 
         return run
+
+
+@dataclass
+class Rewritten:
+    gm: fx.GraphModule
+    """a rewritten copy of Dynamo's graph (the original is untouched)"""
+    sites: list
+    skipped: list
+    state_tensors: list[torch.Tensor]
+    """the real tensors for the placeholders the rewrite appended, in order"""
+    counts: dict[str, int]
+
+
+def rewrite_graph(gm: fx.GraphModule, cfg: PopConfig) -> Rewritten:
+    """Match every site of ``gm`` and rewrite a copy: prefill graphs get pop::prefill, decode graphs R∪C + pop::decode."""
+    from passes.match_ffn import find_sites
+    from passes.pop_rewrite import add_state_placeholders, n_inputs, rewrite_decode, rewrite_prefill, site_flags
+
+    gm2 = copy_graph_module(gm)
+    sites, skipped = find_sites(gm2)
+    for s in skipped:
+        if s.param is not None:
+            _state.note(s.param, cfg, None, s.reason, path=s.path)
+    state_tensors: list[torch.Tensor] = []
+    counts = {"matched": len(sites), "skipped": len(skipped), "prefill": 0, "decode": 0}
+    for i, m in enumerate(sites):
+        sizes = partition_sizes(m.d_ff, cfg.sparsity, cfg.candidate_ratio)
+        if sizes.n_keep >= m.d_ff:
+            _state.note(m.param, cfg, m.kind, "dense: every channel kept (sparsity 0)", path=m.path, matched=True)
+            continue
+        if sizes.n_keep < 1:
+            _state.note(m.param, cfg, m.kind, f"dense: d_ff={m.d_ff} too small for sparsity={cfg.sparsity} "
+                        "(n_keep < 1)", path=m.path, matched=True)
+            continue
+        st = _state.get_or_create(m.param, cfg, kind=m.kind, d_ff=m.d_ff, d_model=m.d_model, flags=site_flags(m),
+                                  n_in=n_inputs(m), in_dtype=_param(m.sources[0].weight).dtype)
+        st.info.update(pattern=m.pattern.name, activation=m.activation, path=m.path)
+        nodes = add_state_placeholders(gm2, st, f"pop_site{i}")
+        graph_kind = "decode" if m.is_decode else "prefill"
+        (rewrite_decode if m.is_decode else rewrite_prefill)(gm2, m, st, nodes)
+        st.graphs.add(graph_kind)
+        counts[graph_kind] += 1
+        state_tensors.extend(st.tensors[name] for name in STATE_NAMES)
+        _state.note(m.param, cfg, m.kind, "pop", path=m.path, matched=True)
+    gm2.graph.lint()
+    gm2.recompile()
+    return Rewritten(gm2, sites, skipped, state_tensors, counts)
 
 
 def _param(node: fx.Node) -> torch.Tensor:
