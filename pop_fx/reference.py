@@ -1,0 +1,356 @@
+"""Eager POP on a live Hugging Face model: the oracle for every other execution path.
+
+    with pop_fx.reference.pruned(model, PopConfig(sparsity=0.5)):
+        model.generate(...)
+
+How it works (plain hooks, no graph rewriting):
+
+* A forward pre-hook on the model reads each call's inputs and decides prefill
+  vs decode: L = new tokens per sequence; the call is a prefill iff L > 1 or
+  the cache is empty (``cache``/``past_key_values`` is None or has length 0, which makes
+  a one-token prompt a prefill). A multi-token forward on a non-empty cache
+  (multi-turn, chunked prefill, assisted decoding) is a prefill too: it
+  re-partitions from its own tokens only (POP_SPEC, "ours"). The hook also
+  records the current tokens' padding mask (``attention_mask[:, -L:]``, 0 =
+  padding); padding never counts towards importance.
+* Dense sites (plain, gated, fused_gated, shared_expert): a forward pre-hook on
+  the down projection receives H and returns ``H * keep_mask``. Multiplying by
+  a 0/1 mask keeps the summation order of the dense down projection, so the
+  result is exactly "compute only the kept channels" — what an oracle needs.
+* 3-D experts: the experts module's forward is replaced, inside the context
+  only, by a per-expert loop with the same math as transformers' eager
+  ``MixtralExperts.forward``, masking each expert's intermediate.
+* A site whose partition would keep every channel (r = 0) or none gets no
+  hook at all, so r = 0 is bit-for-bit the dense model.
+
+Leaving the context removes every hook and patch; ``state_dict`` is never
+touched. ``masked(model, masks)`` applies fixed per-site keep-masks at every
+forward (static baselines such as Wanda-sp or a random mask).
+
+Known limit: with ``scope="sequence"`` the batch must keep its prefill size
+and order while decoding (no beam search reordering).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .config import PopConfig
+from .partition import (
+    PartitionSizes,
+    down_column_norm,
+    importance,
+    keep_set,
+    partition_sizes,
+    select,
+    split,
+    weight_only_scores,
+)
+from .sites import FFNSite, find_sites
+
+
+@dataclass
+class _Call:
+    """What the model-level pre-hook learned about the forward call in flight."""
+
+    prefill: bool
+    B: int
+    L: int
+    token_mask: torch.Tensor | None  # [B, L] bool, False = padding
+
+
+@dataclass
+class SiteState:
+    """One site's partition, replaced by every prefill.
+
+    For scope "batch" R/C/keep are 1-D; for "sequence" they are [B, n] and
+    ``dense`` marks sequences left unpruned (an expert that got no prefill
+    token from them, with ``empty_expert="dense"``).
+    """
+
+    site: FFNSite
+    sizes: PartitionSizes
+    wd_norm: torch.Tensor
+    R: torch.Tensor | None = None
+    C: torch.Tensor | None = None
+    dense: torch.Tensor | bool = False
+    steps: int = 0
+    """decode steps since the last prefill (for introspection)"""
+    last_keep: torch.Tensor | None = field(default=None, repr=False)
+    """the keep-mask ([d_ff] or [B, d_ff]) of the latest forward"""
+
+
+def _call_info(module: nn.Module, args: tuple, kwargs: dict) -> _Call | None:
+    x = kwargs.get("input_ids")
+    if x is None and args and isinstance(args[0], torch.Tensor):
+        x = args[0]
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if x is None:
+        return None
+    B, L = x.shape[0], x.shape[1]
+    # transformers 5.2x passes the cache as "cache"; earlier releases as "past_key_values".
+    past = kwargs.get("cache", kwargs.get("past_key_values"))
+    if past is None:
+        cached = 0
+    elif hasattr(past, "get_seq_length"):
+        cached = int(past.get_seq_length())
+    else:  # legacy tuple cache
+        cached = int(past[0][0].shape[-2]) if len(past) else 0
+    mask = kwargs.get("attention_mask")
+    token_mask = None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == B:
+        token_mask = mask[:, -L:].bool()
+    return _Call(prefill=L > 1 or cached == 0, B=B, L=L, token_mask=token_mask)
+
+
+class _Pop:
+    """POP's per-site rule: partition at prefill, select candidates at every decode step."""
+
+    def __init__(self, model: nn.Module, config: PopConfig, sites: list[FFNSite]):
+        self.config = config
+        self.per_sequence = config.scope == "sequence"
+        self.states: dict[str, SiteState] = {}
+        for s in sites:
+            sizes = partition_sizes(s.d_ff, config.sparsity, config.candidate_ratio)
+            if sizes.is_dense or sizes.n_keep < 1:
+                continue  # r = 0 (or a site too small to prune): stays exactly dense
+            self.states[s.path] = SiteState(s, sizes, down_column_norm(s.down_weight, s.channel_dim))
+
+    def keep_mask(self, path: str, h: torch.Tensor, seq: torch.Tensor, valid: torch.Tensor, call: _Call):
+        """Keep-mask for the rows ``h`` [N, d_ff] of sequences ``seq`` [N] (``valid`` [N]: not padding).
+
+        Returns None (leave dense), a [d_ff] mask for all rows, or an [N, d_ff] mask.
+        """
+        st = self.states.get(path)
+        if st is None:
+            return None
+        if call.prefill:
+            return self._prefill(st, h, seq, valid, call.B)
+        if st.R is None:
+            raise RuntimeError(f"site {path}: a decode step came before any prefill")
+        return self._decode(st, h, seq, valid)
+
+    def _scores(self, st: SiteState, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """Eq. 3 importance over the given rows; the empty-expert fallback when there are none."""
+        if bool(rows.any()):
+            # where() rather than a multiply: a fully masked padding row may hold NaN, and NaN * 0 is NaN.
+            hv = torch.where(rows[:, None], h.detach().float(), 0.0)
+            return importance(hv, st.wd_norm)
+        if st.site.kind != "expert":
+            return torch.zeros_like(st.wd_norm)  # no real token: the deterministic index-order partition
+        if self.config.empty_expert == "dense":
+            return None
+        return weight_only_scores(st.wd_norm, st.site.in_weights)
+
+    def _prefill(self, st: SiteState, h, seq, valid, B):
+        st.steps = 0
+        d_ff = st.site.d_ff
+        if not self.per_sequence:
+            scores = self._scores(st, h, valid)
+            if scores is None:
+                st.R, st.C, st.dense = None, None, True
+                st.last_keep = None
+                return None
+            part = split(scores, st.sizes)
+            st.R, st.C, st.dense = part.R, part.C, False
+            keep = keep_set(scores, st.sizes)
+            mask = torch.zeros(d_ff, dtype=torch.bool, device=h.device)
+            mask[keep] = True
+        else:
+            scores = []
+            dense = torch.zeros(B, dtype=torch.bool)
+            for b in range(B):
+                sc = self._scores(st, h, valid & (seq == b))
+                if sc is None:
+                    dense[b] = True
+                    sc = torch.zeros_like(st.wd_norm)  # placeholder partition, never used
+                scores.append(sc)
+            scores = torch.stack(scores)
+            part = split(scores, st.sizes)
+            st.R, st.C, st.dense = part.R, part.C, dense
+            keep = keep_set(scores, st.sizes)
+            mask = torch.zeros(B, d_ff, dtype=torch.bool, device=h.device)
+            mask.scatter_(1, keep.to(h.device), True)
+            mask[dense.to(h.device)] = True
+        st.last_keep = mask
+        if self.config.prefill == "dense":
+            return None
+        return mask if mask.dim() == 1 else mask[seq]
+
+    def _decode(self, st: SiteState, h, seq, valid):
+        st.steps += 1
+        d_ff, n_select = st.site.d_ff, st.sizes.n_select
+        if st.dense is True:
+            return None
+        hv = torch.where(valid[:, None], h.detach(), torch.zeros((), dtype=h.dtype, device=h.device))
+        if not self.per_sequence:
+            C = st.C.to(h.device)
+            chosen = C[select(hv[:, C], st.wd_norm[C], n_select)]
+            mask = torch.zeros(d_ff, dtype=torch.bool, device=h.device)
+            mask[st.R.to(h.device)] = True
+            mask[chosen] = True
+            st.last_keep = mask
+            return mask
+        # One partition per sequence: row i uses the R/C of its sequence seq[i].
+        C = st.C.to(h.device)[seq]  # [N, n_C]
+        pos = select(torch.gather(hv, 1, C), st.wd_norm[C], n_select, per_sequence=True)
+        mask = torch.zeros(h.shape[0], d_ff, dtype=torch.bool, device=h.device)
+        mask.scatter_(1, st.R.to(h.device)[seq], True)
+        mask.scatter_(1, torch.gather(C, 1, pos), True)
+        mask[st.dense.to(h.device)[seq]] = True
+        st.last_keep = mask
+        return mask
+
+
+class _Fixed:
+    """A fixed keep-mask per site path, applied at every forward (static baselines)."""
+
+    def __init__(self, masks: Mapping[str, torch.Tensor], sites: list[FFNSite]):
+        by_path = {s.path: s for s in sites}
+        self.masks = {}
+        for path, m in masks.items():
+            if path not in by_path:
+                raise ValueError(f"masks has unknown site path {path!r}: allowed {list(by_path)}")
+            d_ff = by_path[path].d_ff
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or tuple(m.shape) != (d_ff,):
+                raise ValueError(f"masks[{path!r}] must be a bool tensor of shape ({d_ff},), got {m!r:.80}")
+            self.masks[path] = m
+        self.states: dict[str, SiteState] = {}
+
+    def keep_mask(self, path, h, seq, valid, call):
+        m = self.masks.get(path)
+        return None if m is None else m.to(h.device)
+
+
+def _apply(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return h if mask is None else h * mask.to(h.dtype)
+
+
+def _rows(call: _Call, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence id and validity of each of the B*L token rows, in the models' flattening order (B-major)."""
+    B, L = call.B, call.L
+    seq = torch.arange(B, device=h.device).repeat_interleave(L)
+    valid = call.token_mask.reshape(-1).to(h.device) if call.token_mask is not None else torch.ones_like(seq, dtype=torch.bool)
+    return seq, valid
+
+
+class _Session:
+    """Hooks and patches of one ``pruned``/``masked`` context."""
+
+    def __init__(self, model: nn.Module, policy, sites: list[FFNSite]):
+        self.model, self.policy, self.sites = model, policy, sites
+        self.call: _Call | None = None
+        self.handles: list = []
+        self.patched: list[nn.Module] = []
+
+    def current(self, h: torch.Tensor) -> _Call:
+        if self.call is not None:
+            return self.call
+        # Called without the model-level hook (a sub-module run directly): infer from H's shape.
+        B, L = (h.shape[0], h.shape[1]) if h.dim() == 3 else (1, h.shape[0])
+        return _Call(prefill=True, B=B, L=L, token_mask=None)
+
+    def __enter__(self):
+        def model_hook(module, args, kwargs):
+            self.call = _call_info(module, args, kwargs)
+
+        self.handles.append(self.model.register_forward_pre_hook(model_hook, with_kwargs=True))
+        experts: dict[int, list[FFNSite]] = {}
+        for s in self.sites:
+            if s.kind == "expert":
+                experts.setdefault(id(s.module), []).append(s)
+                continue
+            if s.path in self.policy.states or isinstance(self.policy, _Fixed) and s.path in self.policy.masks:
+                self.handles.append(s.down.register_forward_pre_hook(self._down_hook(s)))
+        for group in experts.values():
+            if any(g.path in self.policy.states or isinstance(self.policy, _Fixed) and g.path in self.policy.masks for g in group):
+                self._patch_experts(group)
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        for m in self.patched:
+            del m.forward  # back to the class's forward
+        self.handles.clear()
+        self.patched.clear()
+        return False
+
+    def _down_hook(self, site: FFNSite):
+        def hook(module, args):
+            h = args[0]
+            call = self.current(h)
+            rows = h.reshape(-1, h.shape[-1])
+            if rows.shape[0] != call.B * call.L:  # H not laid out per token: infer from its own shape
+                call = _Call(call.prefill, rows.shape[0], 1, None)
+            seq, valid = _rows(call, h)
+            mask = self.policy.keep_mask(site.path, rows, seq, valid, call)
+            if mask is None:
+                return None
+            return (_apply(rows, mask).reshape(h.shape), *args[1:])
+
+        return hook
+
+    def _patch_experts(self, group: list[FFNSite]) -> None:
+        experts_module = group[0].module
+        paths = {g.expert: g.path for g in group}
+        session = self
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            # transformers' eager MixtralExperts.forward, with each expert's intermediate masked.
+            call = session.current(hidden_states)
+            seq_all, valid_all = _rows(call, hidden_states)
+            if seq_all.shape[0] != hidden_states.shape[0]:
+                seq_all = torch.zeros(hidden_states.shape[0], dtype=torch.long, device=hidden_states.device)
+                valid_all = torch.ones_like(seq_all, dtype=torch.bool)
+            final = torch.zeros_like(hidden_states)
+            for e in range(self.gate_up_proj.shape[0]):
+                top_k_pos, token_idx = torch.where(top_k_index.t() == e)
+                if token_idx.numel() == 0 and not call.prefill:
+                    continue
+                x = hidden_states[token_idx]
+                h = self._apply_gate(nn.functional.linear(x, self.gate_up_proj[e]))
+                # The partition is computed even for an expert with no routed token (fallback scores).
+                mask = session.policy.keep_mask(paths[e], h, seq_all[token_idx], valid_all[token_idx], call)
+                if token_idx.numel() == 0:
+                    continue
+                out = nn.functional.linear(_apply(h, mask), self.down_proj[e])
+                out = out * top_k_weights[token_idx, top_k_pos, None]
+                final.index_add_(0, token_idx, out.to(final.dtype))
+            return final
+
+        experts_module.forward = types.MethodType(forward, experts_module)
+        self.patched.append(experts_module)
+
+
+def _config(config: PopConfig | Mapping | None, fields: dict) -> PopConfig:
+    return PopConfig.from_options(config, **fields)
+
+
+@contextlib.contextmanager
+def pruned(model: nn.Module, config: PopConfig | Mapping | None = None, **fields) -> Iterator[_Pop]:
+    """Run ``model`` under eager POP inside the context; yields the policy (``.states`` per site path)."""
+    cfg = _config(config, fields)
+    sites, _ = find_sites(model)
+    policy = _Pop(model, cfg, sites)
+    with _Session(model, policy, sites):
+        yield policy
+
+
+@contextlib.contextmanager
+def masked(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Iterator[_Fixed]:
+    """Apply a fixed bool keep-mask ([d_ff], True = computed) per site path at every forward."""
+    sites, _ = find_sites(model)
+    policy = _Fixed(masks, sites)
+    with _Session(model, policy, sites):
+        yield policy
+
+
+__all__ = ["SiteState", "masked", "pruned"]
