@@ -236,8 +236,14 @@ def _forward_params(model: Any) -> set[str]:
 
 
 def _cache_io(model: Any) -> tuple[str, Any]:
-    """transformers 5.2x names the KV cache ``cache`` (``past_key_values`` before, now deprecated)."""
-    name = "cache" if "cache" in _forward_params(model) else "past_key_values"
+    """How to hand the KV cache back to the model, and how to read it from an output.
+
+    transformers 5.2x renamed the argument ``cache`` and deprecated ``past_key_values``;
+    the eager reference (pop_fx.reference) still recognises a decode step by
+    ``past_key_values`` only, so that name is kept while the model accepts it.
+    """
+    params = _forward_params(model)
+    name = "past_key_values" if ("past_key_values" in params or "kwargs" in params or "cache" not in params) else "cache"
 
     def get(out):
         c = out.get("cache") if hasattr(out, "get") else None
@@ -624,8 +630,10 @@ def evaluate(
 
     text, text_path = _read_text(text_or_path)
     length = prompt_len + cont_len
+    # The calibration slice is cut whether or not wanda-sp runs, so the eval windows depend only on
+    # (text, n_windows, lengths, calib_windows, calib_fraction) and runs with other methods stay comparable.
     evals, calib, split = make_windows(
-        tokenizer, text, n_windows=n_windows, length=length, calib_windows=calib_windows if need_calib else 0, calib_fraction=calib_fraction
+        tokenizer, text, n_windows=n_windows, length=length, calib_windows=calib_windows, calib_fraction=calib_fraction
     )
     ids = torch.tensor([w.token_ids for w in evals], dtype=torch.long)
     prompts, conts = ids[:, :prompt_len], ids[:, prompt_len:]
@@ -652,6 +660,9 @@ def evaluate(
         "prefill": prefill,
         "seed": seed,
         "backend": backend,
+        "calib_windows": calib_windows,
+        "calib_fraction": calib_fraction,
+        "calibration_used": need_calib,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "mode": "teacher-forced decode (prefill prompt, then one continuation token per decode step with the KV cache) "
         "and greedy generation of cont_len tokens from the prompt",
