@@ -1,0 +1,26 @@
+"""Shared test settings: reproducible hypothesis runs, a repo-local Inductor cache, a fixed seed."""
+
+import os
+from pathlib import Path
+
+# Before torch is imported anywhere: compiled kernels land in the repo (ignored by git), not in /tmp.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "inductor"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Models and compilation make single examples slow and their timing noisy: no deadline.
+# derandomize: CI sees the same examples every run, so a failure is reproducible.
+settings.register_profile(
+    "ci", deadline=None, derandomize=True, max_examples=60, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("dev", deadline=None, max_examples=200)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+SHARED_TEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "web_bible.txt"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
