@@ -450,7 +450,8 @@ class EvalResult:
         s = self.settings
         lines.append(
             f"{s['n_windows']} windows of {s['prompt_len']} prompt + {s['cont_len']} continuation tokens "
-            f"(text characters [0, {self.text.get('calibration_split')})), batch {s['batch_size']}, {s['scope_note']}"
+            f"(text characters [0, {self.text.get('calibration_split')})), batch {s['batch_size']}, {s['scope_note']}; "
+            f"greedy generation on the first {s.get('greedy_windows', s['n_windows'])} windows"
         )
         if self.calibration:
             lines.append(
@@ -504,6 +505,8 @@ def _metrics(out: RowOutputs, greedy: torch.Tensor, conts: torch.Tensor, dense: 
     same = greedy == dense_greedy
     T = conts.shape[1]
     first_diff = torch.where(same.all(1), torch.full((same.shape[0],), T), (~same).int().argmax(1))
+    if same.numel() == 0:  # no greedy windows
+        same, first_diff = torch.full((1,), float("nan")), torch.full((1,), float("nan"))
     return {
         "perplexity": math.exp(out.nll.mean().item()),
         "top1": (out.pred == conts).double().mean().item(),
@@ -597,6 +600,8 @@ def evaluate(
     check_agreement: int = 2,
     progress: bool = True,
     model_name: str | None = None,
+    greedy_windows: int | None = None,
+    on_row: Any = None,
 ) -> EvalResult:
     """Run every method at every sparsity on the same windows; see the module docstring.
 
@@ -604,7 +609,9 @@ def evaluate(
     own partition); 1 runs each window alone. ``backend="compiled"`` runs the POP
     methods through ``pop_fx.compile``; ``check_agreement`` windows of one POP
     setting are run through both backends whenever ``pop_fx.compile`` exists,
-    and the largest logit difference is reported.
+    and the largest logit difference is reported. ``greedy_windows`` (default:
+    all) limits greedy generation to the first windows, to save time.
+    ``on_row(partial EvalResult)`` is called after each (method, r) finishes.
     """
     _check_int("n_windows", n_windows, 1)
     _check_int("prompt_len", prompt_len, 1)
@@ -613,6 +620,10 @@ def evaluate(
     _check_int("seed", seed, 0)
     _check_int("calib_windows", calib_windows, 0)
     _check_int("check_agreement", check_agreement, 0)
+    if greedy_windows is not None:
+        _check_int("greedy_windows", greedy_windows, 0)
+        if greedy_windows > n_windows:
+            raise ValueError(f"greedy_windows={greedy_windows!r} is invalid: allowed 0 <= greedy_windows <= n_windows={n_windows}")
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is invalid: allowed one of {list(BACKENDS)}")
     if not (isinstance(calib_fraction, (int, float)) and 0 < calib_fraction < 1):
@@ -638,16 +649,19 @@ def evaluate(
     ids = torch.tensor([w.token_ids for w in evals], dtype=torch.long)
     prompts, conts = ids[:, :prompt_len], ids[:, prompt_len:]
 
-    # Rows: every window once teacher-forced, once greedy. Batches never mix methods.
-    row_win = torch.arange(n_windows).repeat(2)
-    row_teacher = torch.cat([torch.ones(n_windows, dtype=torch.bool), torch.zeros(n_windows, dtype=torch.bool)])
-    batches = [slice(i, min(i + batch_size, 2 * n_windows)) for i in range(0, 2 * n_windows, batch_size)]
+    # Rows: every window teacher-forced, then the first greedy_windows windows again, generating greedily.
+    g_windows = n_windows if greedy_windows is None else greedy_windows
+    n_rows = n_windows + g_windows
+    row_win = torch.cat([torch.arange(n_windows), torch.arange(g_windows)])
+    row_teacher = torch.arange(n_rows) < n_windows
+    batches = [slice(i, min(i + batch_size, n_rows)) for i in range(0, n_rows, batch_size)]
 
     settings = {
         "model": model_name or getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__,
         "methods": [m.name for m in ms],
         "sparsities": rs,
         "n_windows": n_windows,
+        "greedy_windows": g_windows,
         "prompt_len": prompt_len,
         "cont_len": cont_len,
         "batch_size": batch_size,
@@ -688,8 +702,8 @@ def evaluate(
 
     def run_all(ctx, label) -> tuple[RowOutputs, float]:
         t0 = time.perf_counter()
-        nll = torch.zeros(2 * n_windows, cont_len, dtype=torch.float64)
-        pred = torch.zeros(2 * n_windows, cont_len, dtype=torch.long)
+        nll = torch.zeros(n_rows, cont_len, dtype=torch.float64)
+        pred = torch.zeros(n_rows, cont_len, dtype=torch.long)
         bar.set_description(label)
         with ctx as fwd:
             for b in batches:
@@ -702,11 +716,17 @@ def evaluate(
         return RowOutputs(o.nll[:n_windows], o.pred[:n_windows]), o.pred[n_windows:]
 
     rows: list[MethodResult] = []
+
+    def partial() -> EvalResult:
+        return EvalResult(list(rows), settings, [w.as_dict() for w in evals], [w.as_dict() for w in calib], None, text_info)
+
     try:
         dense_out, sec = run_all(contextlib.nullcontext(model), "dense")
         d_teacher, d_greedy = split_rows(dense_out)
         dense_ref = (d_teacher.pred, d_greedy)
         rows.append(MethodResult("dense", None, 0.0, **_metrics(d_teacher, d_greedy, conts, dense_ref), seconds=sec, backend="eager"))
+        if on_row is not None:
+            on_row(partial())
 
         sites = _sites(model) if any(m.kind == "mask" for m in ms) else []
         scores: dict[str, dict[str, torch.Tensor]] = {}
@@ -728,6 +748,8 @@ def evaluate(
                 out, sec = run_all(ctx, f"{m.name} r={r:g}")
                 t_out, greedy = split_rows(out)
                 rows.append(MethodResult(m.name, m.gamma, r, **_metrics(t_out, greedy, conts, dense_ref), seconds=sec, backend=used))
+                if on_row is not None:
+                    on_row(partial())
     finally:
         bar.close()
 
@@ -798,6 +820,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--windows", type=int, default=32, help="evaluation windows (default %(default)s)")
     g.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per window (default %(default)s)")
     g.add_argument("--cont-len", type=int, default=128, help="continuation tokens per window, fed one per decode step (default %(default)s)")
+    g.add_argument("--greedy-windows", type=int, default=None, help="greedy generation on the first N windows only (default: all)")
     g.add_argument("--batch-size", type=int, default=8, help="windows per batch; > 1 uses scope='sequence' (default %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random baseline and torch (default %(default)s)")
     g.add_argument("--calib-windows", type=int, default=16, help="wanda-sp calibration windows, cut from the last --calib-fraction of the text (default %(default)s)")
@@ -844,6 +867,8 @@ def run(args: argparse.Namespace) -> int:
         check_agreement=args.check_agreement,
         progress=not args.no_progress,
         model_name=str(model_name),
+        greedy_windows=args.greedy_windows,
+        on_row=(lambda res: res.write(args.out, stem="eval.partial")) if args.out else None,
     )
     if args.total_reductions:
         result.settings["total_reductions"] = list(args.total_reductions)

@@ -241,3 +241,17 @@ def test_compiled_backend_hook(model, text):
     else:
         res = ev.evaluate(model, ByteTokenizer(), text, check_agreement=2, **kwargs)
         assert res.agreement_check["status"] == "ran" and res.agreement_check["max_abs_logit_diff"] < 1e-3
+
+
+def test_greedy_windows_and_progressive_rows(model, text):
+    seen = []
+    res = ev.evaluate(
+        model, ByteTokenizer(), text, methods=["static", "random"], sparsities=[0.5], n_windows=3, greedy_windows=1,
+        prompt_len=P, cont_len=T, batch_size=2, calib_windows=0, check_agreement=0, progress=False,
+        on_row=lambda partial: seen.append([r.method for r in partial.rows]),
+    )
+    assert seen == [["dense"], ["dense", "static"], ["dense", "static", "random"]]
+    assert res.settings["greedy_windows"] == 1 and res.row("dense").greedy_prefix == T
+    assert all(0 <= r.greedy_match <= 1 for r in res.rows)
+    with pytest.raises(ValueError, match="greedy_windows"):
+        ev.evaluate(model, ByteTokenizer(), text, methods=["dense"], sparsities=[0.5], n_windows=2, greedy_windows=3, prompt_len=P, cont_len=T, calib_windows=0, progress=False)
