@@ -736,10 +736,11 @@ def evaluate(
         if any(m.name == "random" for m in ms):
             scores["random"] = random_scores(sites, seed)
 
-        for m in ms:
-            if m.kind == "dense":
-                continue
-            for r in rs:
+        # Sparsity-major: a long run that is stopped early has every method at the first sparsities.
+        for r in rs:
+            for m in ms:
+                if m.kind == "dense":
+                    continue
                 if m.kind == "pop":
                     cfg = PopConfig(sparsity=r, candidate_ratio=m.gamma, scope=scope, prefill=prefill)
                     ctx, used = _pop_runner(model, cfg, backend), backend
@@ -810,7 +811,12 @@ def _floats(s: str) -> list[float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``pop-fx eval`` flags (the shared --model/--dtype/--prefill/--json come from pop_fx.cli)."""
+    """``pop-fx eval`` flags.
+
+    Of pop_fx.cli's shared flags eval reads --model, --dtype, --prefill and --json;
+    --sparsity and --candidate-ratio are replaced by the lists --sparsities and
+    --gammas, and the scope follows --batch-size ("sequence" when > 1).
+    """
     g = parser.add_argument_group("evaluation")
     g.add_argument("--text", default=None, help="text file to cut windows from (default ../shared/data/web_bible.txt from the repo root)")
     g.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of {', '.join(METHOD_NAMES)} (default %(default)s)")

@@ -66,8 +66,8 @@ def result(model, text):
 
 def test_structure(result):
     names = ["dense", "static", "pop-0.1", "full", "wanda-sp", "random"]
-    assert [r.method for r in result.rows] == ["dense"] + [m for m in names[1:] for _ in (0.0, 0.5)]
-    assert [r.sparsity for r in result.rows[1:]] == [0.0, 0.5] * 5
+    assert [r.method for r in result.rows] == ["dense"] + names[1:] * 2
+    assert [r.sparsity for r in result.rows[1:]] == [0.0] * 5 + [0.5] * 5
     assert result.row("pop-0.1", 0.5).gamma == 0.1 and result.row("full", 0.5).gamma == 2.0 and result.row("static", 0.5).gamma == 0.0
     assert all(r.n_tokens == 3 * T for r in result.rows)
     assert len(result.windows) == 3 and len(result.calibration) == 2
@@ -255,3 +255,21 @@ def test_greedy_windows_and_progressive_rows(model, text):
     assert all(0 <= r.greedy_match <= 1 for r in res.rows)
     with pytest.raises(ValueError, match="greedy_windows"):
         ev.evaluate(model, ByteTokenizer(), text, methods=["dense"], sparsities=[0.5], n_windows=2, greedy_windows=3, prompt_len=P, cont_len=T, calib_windows=0, progress=False)
+
+
+def test_pop_fx_eval_subcommand(tmp_path, text, capsys):
+    # Through the real console-script dispatch; a tiny family has no tokenizer, so bytes are tokens.
+    from pop_fx.cli import main
+
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    rc = main([
+        "eval", "--model", "llama", "--text", str(path), "--methods", "dense,pop", "--gammas", "0.1", "--sparsities", "0.0,0.4",
+        "--windows", "2", "--prompt-len", str(P), "--cont-len", str(T), "--batch-size", "4", "--check-agreement", "0", "--no-progress", "--json",
+    ])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {(r["method"], r["sparsity"]): r for r in out["results"]}
+    assert rows[("pop-0.1", 0.0)]["perplexity"] == rows[("dense", 0.0)]["perplexity"]
+    assert main(["eval", "--model", "llama", "--text", str(path), "--methods", "bogus", "--no-progress"]) == 2
+    assert "bogus" in capsys.readouterr().err
