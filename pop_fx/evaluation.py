@@ -238,12 +238,9 @@ def _forward_params(model: Any) -> set[str]:
 def _cache_io(model: Any) -> tuple[str, Any]:
     """How to hand the KV cache back to the model, and how to read it from an output.
 
-    transformers 5.2x renamed the argument ``cache`` and deprecated ``past_key_values``;
-    the eager reference (pop_fx.reference) still recognises a decode step by
-    ``past_key_values`` only, so that name is kept while the model accepts it.
+    transformers 5.2x renamed the argument ``cache`` (``past_key_values`` is deprecated).
     """
-    params = _forward_params(model)
-    name = "past_key_values" if ("past_key_values" in params or "kwargs" in params or "cache" not in params) else "cache"
+    name = "cache" if "cache" in _forward_params(model) else "past_key_values"
 
     def get(out):
         c = out.get("cache") if hasattr(out, "get") else None
