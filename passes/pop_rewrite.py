@@ -21,8 +21,6 @@ the backend's wrapper passes the real tensors at every call.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 
@@ -30,7 +28,7 @@ import pop_fx.ops  # noqa: F401  (registers torch.ops.pop)
 from pop_fx import ops
 from pop_fx.state import STATE_NAMES, SiteState
 
-from .match_ffn import SiteMatch, is_view, val
+from .match_ffn import SiteMatch, val
 
 pop = torch.ops.pop
 
@@ -44,7 +42,7 @@ def n_inputs(m: SiteMatch) -> int:
     return 2 if m.kind in ("gated", "fused_gated") else 1
 
 
-def _weights(m: SiteMatch):
+def site_weights(m: SiteMatch):
     """(w_a, b_a, w_b, b_b) graph nodes in the order ``pop_fx.ops`` lays them out."""
     s = m.sources
     if m.kind == "gated":
@@ -96,7 +94,7 @@ def _attention_mask(gm: fx.GraphModule) -> fx.Node | None:
 def rewrite_prefill(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state: dict[str, fx.Node]) -> None:
     g = gm.graph
     cfg = st.config
-    w_a, b_a, w_b, b_b = _weights(m)
+    w_a, b_a, w_b, b_b = site_weights(m)
     with g.inserting_before(m.down):
         h = m.h
         if val(h).dim() == 2:  # [B·L, d_ff] -> [B, L, d_ff]: importance is per token of each sequence
@@ -119,7 +117,7 @@ def rewrite_decode(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state: dict[
     per_seq = st.config.scope == "sequence"
     src0 = m.sources[0]
     x = src0.x
-    w_a, b_a, w_b, b_b = _weights(m)
+    w_a, b_a, w_b, b_b = site_weights(m)
     # 1. gate/up over R ∪ C only: one projection replaces the site's one or two.
     anchor = min((s.proj for s in m.sources), key=lambda n: list(g.nodes).index(n))
     with g.inserting_before(anchor):
@@ -171,5 +169,3 @@ def pop_ops_in(gm: fx.GraphModule) -> dict[str, int]:
             counts[name] = counts.get(name, 0) + 1
     return counts
 
-
-_ = (operator, is_view)

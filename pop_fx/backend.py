@@ -116,7 +116,8 @@ class Rewritten:
 def rewrite_graph(gm: fx.GraphModule, cfg: PopConfig) -> Rewritten:
     """Match every site of ``gm`` and rewrite a copy: prefill graphs get pop::prefill, decode graphs R∪C + pop::decode."""
     from passes.match_ffn import find_sites
-    from passes.pop_rewrite import add_state_placeholders, n_inputs, rewrite_decode, rewrite_prefill, site_flags
+    from passes.pop_rewrite import (add_state_placeholders, n_inputs, rewrite_decode, rewrite_prefill, site_flags,
+                                    site_weights)
 
     gm2 = copy_graph_module(gm)
     sites, skipped = find_sites(gm2)
@@ -134,8 +135,10 @@ def rewrite_graph(gm: fx.GraphModule, cfg: PopConfig) -> Rewritten:
             _state.note(m.param, cfg, m.kind, f"dense: d_ff={m.d_ff} too small for sparsity={cfg.sparsity} "
                         "(n_keep < 1)", path=m.path, matched=True)
             continue
+        w_a, b_a, w_b, b_b = (_real(n) for n in site_weights(m))
         st = _state.get_or_create(m.param, cfg, kind=m.kind, d_ff=m.d_ff, d_model=m.d_model, flags=site_flags(m),
-                                  n_in=n_inputs(m), in_dtype=_param(m.sources[0].weight).dtype)
+                                  n_in=n_inputs(m), in_dtype=w_a.dtype,
+                                  weights=dict(w_a=w_a, b_a=b_a, w_b=w_b, b_b=b_b))
         st.info.update(pattern=m.pattern.name, activation=m.activation, path=m.path)
         nodes = add_state_placeholders(gm2, st, f"pop_site{i}")
         graph_kind = "decode" if m.is_decode else "prefill"
@@ -149,12 +152,15 @@ def rewrite_graph(gm: fx.GraphModule, cfg: PopConfig) -> Rewritten:
     return Rewritten(gm2, sites, skipped, state_tensors, counts)
 
 
-def _param(node: fx.Node) -> torch.Tensor:
-    from passes.match_ffn import param_of
-
-    p = param_of(node)
-    assert p is not None
-    return p
+def _real(node: fx.Node | None) -> torch.Tensor | None:
+    """The real tensor behind a weight/bias placeholder (None for a missing bias)."""
+    if node is None:
+        return None
+    ga = node.meta.get("grapharg")
+    t = getattr(ga, "example", None)
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{node.name} is not a graph input with a real tensor")
+    return t
 
 
 def _fake_mode(example_inputs):

@@ -66,6 +66,27 @@ def _d_out(wd: Tensor, flags: int) -> int:
     return wd.shape[1] if flags & CONV1D else wd.shape[0]
 
 
+def write_partition(scores: Tensor, sizes: P.PartitionSizes, wd: Tensor, w_a: Tensor, b_a: Tensor | None,
+                    w_b: Tensor | None, b_b: Tensor | None, wd_norm: Tensor, rc_idx: Tensor, wd_norm_c: Tensor,
+                    w_in: Tensor, b_in: Tensor, wd_t: Tensor, flags: int) -> None:
+    """Split ``scores`` ([d_ff], or [B, d_ff] per sequence) into R/C/P and write the site's state in place."""
+    d_ff = scores.shape[-1]
+    part = P.split(scores, sizes)
+    rc = torch.cat([part.R, part.C], dim=-1)
+    if scores.dim() == 2:  # per sequence: indices only, the original weights are gathered per step
+        B = scores.shape[0]
+        rc_idx[:B].copy_(rc)
+        wd_norm_c[:B].copy_(wd_norm[part.C])
+        return
+    rc_idx.copy_(rc.expand_as(rc_idx))
+    wd_norm_c.copy_(wd_norm[part.C].expand_as(wd_norm_c))
+    if w_in.numel():
+        wi, bi = _layout_in(rc, d_ff, w_a, b_a, w_b, b_b, flags)
+        w_in.copy_(wi)
+        b_in.copy_(bi)
+        wd_t.copy_(wd.index_select(0, rc) if flags & CONV1D else wd.index_select(1, rc).t())
+
+
 # --------------------------------------------------------------------------------------------
 # prefill: importance, partition into state, layouts, FFN output per config.prefill
 # --------------------------------------------------------------------------------------------
@@ -105,24 +126,12 @@ def prefill(
         token_mask = attention_mask[:, -L:]
     sizes = P.PartitionSizes(n_keep, n_R, n_C, d_ff - n_R - n_C)
     scores = P.importance(h, wd_norm, token_mask, per_sequence=per_sequence)  # [d_ff] or [B, d_ff]
-    part = P.split(scores, sizes)
-    rc = torch.cat([part.R, part.C], dim=-1)
-    if per_sequence:
-        if B > rc_idx.shape[0]:
-            raise ValueError(
-                f"batch size {B} exceeds PopConfig.max_batch_size={rc_idx.shape[0]} (scope='sequence'): "
-                "compile with a larger max_batch_size"
-            )
-        rc_idx[:B].copy_(rc)
-        wd_norm_c[:B].copy_(wd_norm[part.C])
-    else:
-        rc_idx[0].copy_(rc)
-        wd_norm_c[0].copy_(wd_norm[part.C])
-        wi, bi = _layout_in(rc, d_ff, w_a, b_a, w_b, b_b, flags)
-        w_in.copy_(wi)
-        b_in.copy_(bi)
-        wd_cols = wd.index_select(0, rc) if flags & CONV1D else wd.index_select(1, rc).t()
-        wd_t.copy_(wd_cols)
+    if per_sequence and B > rc_idx.shape[0]:
+        raise ValueError(
+            f"batch size {B} exceeds PopConfig.max_batch_size={rc_idx.shape[0]} (scope='sequence'): "
+            "compile with a larger max_batch_size"
+        )
+    write_partition(scores, sizes, wd, w_a, b_a, w_b, b_b, wd_norm, rc_idx, wd_norm_c, w_in, b_in, wd_t, flags)
     if not pruned_prefill:
         return _down(h, wd, bd, flags)
     keep = P.keep_set(scores, sizes)

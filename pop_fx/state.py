@@ -38,6 +38,29 @@ class SiteState:
     """which graph kinds ("prefill", "decode") rewrote this site"""
     info: dict = field(default_factory=dict)
     """pattern, activation and module path, for reports"""
+    weights: dict = field(default_factory=dict, repr=False)
+    """the site's real weights (w_a, b_a, w_b, b_b, wd): the data-free partition is computed from them"""
+
+    def initialize(self) -> None:
+        """Write the data-free partition (POP_SPEC's fallback: ||Wd[:, j]|| · Π ||W_in[j, :]||) into the state.
+
+        Used before any prefill and after ``reset``: a decode step that has no prefill of its own (a one-token
+        prompt) prunes by weight norms, never by a previous request's partition or by an all-zero layout.
+        """
+        from .partition import weight_only_scores
+
+        w = self.weights
+        rows = ops._rows(w["w_a"], self.flags)
+        ins = [rows[: self.d_ff], rows[self.d_ff:]] if self.flags & ops.FUSED else [rows]
+        if w.get("w_b") is not None:
+            ins.append(ops._rows(w["w_b"], self.flags))
+        scores = weight_only_scores(self.wd_norm, ins)
+        if self.config.scope == "sequence":
+            scores = scores.expand(self.tensors["rc_idx"].shape[0], -1)
+        t = self.tensors
+        with torch.no_grad():
+            ops.write_partition(scores, self.sizes, w["wd"], w["w_a"], w.get("b_a"), w.get("w_b"), w.get("b_b"),
+                                self.wd_norm, t["rc_idx"], t["wd_norm_c"], t["w_in"], t["b_in"], t["wd_t"], self.flags)
 
     @property
     def extra_bytes(self) -> int:
@@ -52,7 +75,7 @@ _NOTES: "WeakIdKeyDictionary[torch.Tensor, dict[PopConfig, dict]]" = WeakIdKeyDi
 
 
 def get_or_create(down_weight: torch.Tensor, config: PopConfig, *, kind: str, d_ff: int, d_model: int,
-                  flags: int, n_in: int, in_dtype: torch.dtype) -> SiteState:
+                  flags: int, n_in: int, in_dtype: torch.dtype, weights: dict) -> SiteState:
     with _lock:
         per_cfg = _STATES.setdefault(down_weight, {})
         st = per_cfg.get(config)
@@ -74,7 +97,9 @@ def get_or_create(down_weight: torch.Tensor, config: PopConfig, *, kind: str, d_
             "b_in": torch.zeros((n_in * n_rc,) if batch else (0,), dtype=in_dtype, device=dev),
             "wd_t": torch.zeros((n_rc, d_out) if batch else (0,), dtype=down_weight.dtype, device=dev),
         }
-        st = SiteState(kind, d_ff, d_model, d_out, sizes, flags, n_in, config, wd_norm, tensors)
+        st = SiteState(kind, d_ff, d_model, d_out, sizes, flags, n_in, config, wd_norm, tensors,
+                       weights={**weights, "wd": down_weight})
+        st.initialize()
         per_cfg[config] = st
         return st
 
@@ -95,10 +120,8 @@ def notes_of(param: torch.Tensor) -> dict[PopConfig, dict]:
 
 
 def reset(model: torch.nn.Module) -> None:
-    """Forget every partition of ``model`` (the next forward must be a prefill)."""
+    """Forget every partition of ``model``: back to the data-free partition until the next prefill."""
     with _lock:
         for p in model.parameters():
             for st in _STATES.get(p, {}).values():
-                for name, t in st.tensors.items():
-                    if name != "wd_norm":
-                        t.zero_()
+                st.initialize()

@@ -162,3 +162,24 @@ def test_decompile_returns_the_dense_model():
     _generate(model, ids, mask)
     pop_fx.decompile(model)
     _assert_same(_generate(model, ids, mask), dense, atol=1e-6)
+
+
+def test_one_token_prompt_uses_the_data_free_partition_not_the_previous_one():
+    from pop_fx import partition as P
+    from pop_fx import state as S
+
+    torch._dynamo.reset()
+    cfg = dict(sparsity=0.5, candidate_ratio=0.2, lowering="eager")
+    one = torch.tensor([[17]])
+    fresh = _generate(pop_fx.compile(tiny_model("llama"), **cfg), one, torch.ones_like(one))
+    model = pop_fx.compile(tiny_model("llama"), **cfg)
+    ids, mask = _prompt(model)
+    _generate(model, ids, mask)  # leaves a data-driven partition behind
+    after = _generate(model, one, torch.ones_like(one))
+    _assert_same(after, fresh, atol=1e-6)
+    # The state is the weight-norm partition of POP_SPEC's fallback.
+    mlp = model.model.layers[0].mlp
+    st = S.states_of(mlp.down_proj.weight)[PopConfig(**cfg)]
+    scores = P.weight_only_scores(P.down_column_norm(mlp.down_proj.weight), [mlp.gate_proj.weight, mlp.up_proj.weight])
+    part = P.split(scores, st.sizes)
+    assert torch.equal(st.tensors["rc_idx"][0], torch.cat([part.R, part.C]))
