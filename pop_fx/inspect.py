@@ -123,8 +123,37 @@ def _arg_list(n: fx.Node) -> list:
     return list(n.args) + [_Kw((k, v)) for k, v in n.kwargs.items()]
 
 
-def site_ops(x: fx.Node, out: fx.Node) -> SiteOps:
-    """Read the subgraph from the FFN input ``x`` to ``out`` (the down projection, or the pop op that replaced it)."""
+def _shape(n: fx.Node, rewritten: bool) -> list | None:
+    # A rewritten graph's untouched nodes keep Dynamo's example_value of the dense width: only shapes
+    # propagated through the rewritten graph (tensor_meta) are true there.
+    if rewritten:
+        tm = n.meta.get("tensor_meta")
+        shape = getattr(tm, "shape", None)
+    else:
+        v = n.meta.get("example_value", n.meta.get("val"))
+        shape = v.shape if isinstance(v, torch.Tensor) else None
+    return None if shape is None else [int(s) if isinstance(s, int) else str(s) for s in shape]
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: list, state_tensors: list) -> bool:
+    """Run the rewritten graph once on the captured inputs to record every node's true shape (tensor_meta)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    if any(not isinstance(a, (torch.Tensor, int, float, bool)) for a in example_inputs):
+        return False
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs, *state_tensors)
+    except Exception:  # noqa: BLE001 - shapes are a nicety of the report; a failure only hides them
+        return False
+    return True
+
+
+def site_ops(x: fx.Node, out: fx.Node, rewritten: bool = False) -> SiteOps:
+    """Read the subgraph from the FFN input ``x`` to ``out`` (the down projection, or the pop op that replaced it).
+
+    ``rewritten``: the graph went through the rewrite, so shapes come from ``propagate_shapes`` (or are omitted).
+    """
     nodes = nodes_between(x, out)
     inside = set(nodes)
     shared = {n for n in nodes if sum(u in inside for u in n.users) > 1}
@@ -176,9 +205,8 @@ def site_ops(x: fx.Node, out: fx.Node) -> SiteOps:
             reads.append(name.lstrip("%"))
             if a not in inside and name not in inputs:
                 inputs.append(name)
-        v = n.meta.get("example_value", n.meta.get("val"))
-        shape = [int(s) if isinstance(s, int) else str(s) for s in v.shape] if isinstance(v, torch.Tensor) else None
-        op_nodes.append(OpNode(n.name, op_name(n), [_plain(a, x) for a in _arg_list(n)], reads, shape, is_pop_op(n)))
+        op_nodes.append(OpNode(n.name, op_name(n), [_plain(a, x) for a in _arg_list(n)], reads,
+                               _shape(n, rewritten), is_pop_op(n)))
     return SiteOps(" -> ".join(parts), op_nodes, inputs)
 
 
@@ -325,6 +353,7 @@ def inspect(model_or_name: Any = "smollm2", config: PopConfig | dict | None = No
     for i, c in enumerate(captured):
         before = {id(m.param): m for m in find_sites(c.gm)[0]}
         rw = rewrite_graph(c.gm, cfg)
+        propagate_shapes(rw.gm, c.example_inputs, rw.state_tensors)
         kinds = {("decode" if m.is_decode else "prefill") for m in rw.sites}
         gkind = kinds.pop() if len(kinds) == 1 else "other"
         for m in rw.sites:
@@ -339,7 +368,7 @@ def inspect(model_or_name: Any = "smollm2", config: PopConfig | dict | None = No
                 s.rewritten.append(gkind)
             s.reason = _state.notes_of(m.param).get(cfg, {}).get("reason", "")
             b = before[key]
-            s.ops[gkind] = {"before": site_ops(b.sources[0].x, b.down), "after": site_ops(m.sources[0].x, out)}
+            s.ops[gkind] = {"before": site_ops(b.sources[0].x, b.down), "after": site_ops(m.sources[0].x, out, rewritten=True)}
         for sk in rw.skipped:
             entry = skipped.setdefault((sk.path, sk.reason), {"path": sk.path, "reason": sk.reason, "graphs": []})
             entry["graphs"].append(gkind)
