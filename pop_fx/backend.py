@@ -43,13 +43,15 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 def passes_uuid(config: PopConfig) -> str:
     """Hash of the passes' and ops' source and the config: compiled graphs of two configs never mix."""
+    import passes.expert_rewrite
+    import passes.match_experts
     import passes.match_ffn
     import passes.pop_rewrite
 
     from . import ops
 
     h = hashlib.sha256()
-    for mod in (passes.match_ffn, passes.pop_rewrite, ops):
+    for mod in (passes.match_ffn, passes.pop_rewrite, passes.match_experts, passes.expert_rewrite, ops):
         h.update(inspect.getsource(mod).encode())
     h.update(repr(sorted(config.as_dict().items())).encode())
     return h.hexdigest()
@@ -115,28 +117,33 @@ class Rewritten:
 
 def rewrite_graph(gm: fx.GraphModule, cfg: PopConfig) -> Rewritten:
     """Match every site of ``gm`` and rewrite a copy: prefill graphs get pop::prefill, decode graphs R∪C + pop::decode."""
+    from passes.expert_rewrite import rewrite_experts
+    from passes.match_experts import find_experts, site_kinds
     from passes.match_ffn import find_sites
     from passes.pop_rewrite import (add_state_placeholders, n_inputs, rewrite_decode, rewrite_prefill, site_flags,
                                     site_weights)
 
     gm2 = copy_graph_module(gm)
     sites, skipped = find_sites(gm2)
+    experts, experts_skipped = find_experts(gm2)
+    kinds = site_kinds(sites, experts + experts_skipped)  # gated sites beside routed experts are shared experts
     for s in skipped:
         if s.param is not None:
             _state.note(s.param, cfg, None, s.reason, path=s.path)
     state_tensors: list[torch.Tensor] = []
     counts = {"matched": len(sites), "skipped": len(skipped), "prefill": 0, "decode": 0}
     for i, m in enumerate(sites):
+        kind = kinds[i]
         sizes = partition_sizes(m.d_ff, cfg.sparsity, cfg.candidate_ratio)
         if sizes.n_keep >= m.d_ff:
-            _state.note(m.param, cfg, m.kind, "dense: every channel kept (sparsity 0)", path=m.path, matched=True)
+            _state.note(m.param, cfg, kind, "dense: every channel kept (sparsity 0)", path=m.path, matched=True)
             continue
         if sizes.n_keep < 1:
-            _state.note(m.param, cfg, m.kind, f"dense: d_ff={m.d_ff} too small for sparsity={cfg.sparsity} "
+            _state.note(m.param, cfg, kind, f"dense: d_ff={m.d_ff} too small for sparsity={cfg.sparsity} "
                         "(n_keep < 1)", path=m.path, matched=True)
             continue
         w_a, b_a, w_b, b_b = (_real(n) for n in site_weights(m))
-        st = _state.get_or_create(m.param, cfg, kind=m.kind, d_ff=m.d_ff, d_model=m.d_model, flags=site_flags(m),
+        st = _state.get_or_create(m.param, cfg, kind=kind, d_ff=m.d_ff, d_model=m.d_model, flags=site_flags(m),
                                   n_in=n_inputs(m), in_dtype=w_a.dtype,
                                   weights=dict(w_a=w_a, b_a=b_a, w_b=w_b, b_b=b_b))
         st.info.update(pattern=m.pattern.name, activation=m.activation, path=m.path)
@@ -146,7 +153,8 @@ def rewrite_graph(gm: fx.GraphModule, cfg: PopConfig) -> Rewritten:
         st.graphs.add(graph_kind)
         counts[graph_kind] += 1
         state_tensors.extend(st.tensors[name] for name in STATE_NAMES)
-        _state.note(m.param, cfg, m.kind, "pop", path=m.path, matched=True)
+        _state.note(m.param, cfg, kind, "pop", path=m.path, matched=True)
+    state_tensors.extend(rewrite_experts(gm2, experts, experts_skipped, cfg, counts))
     gm2.graph.lint()
     gm2.recompile()
     return Rewritten(gm2, sites, skipped, state_tensors, counts)
