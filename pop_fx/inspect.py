@@ -156,11 +156,12 @@ def site_ops(x: fx.Node, out: fx.Node, rewritten: bool = False) -> SiteOps:
     """
     nodes = nodes_between(x, out)
     inside = set(nodes)
-    shared = {n for n in nodes if sum(u in inside for u in n.users) > 1}
+    # A value read twice is named by its position among such values (%0, %1): texts of equal sites compare equal.
+    shared = {n: f"%{i}" for i, n in enumerate(n for n in nodes if sum(u in inside for u in n.users) > 1)}
     shown: set[fx.Node] = set()
 
     def ref(a: fx.Node) -> str:
-        return "x" if a is x else (f"%{a.name}" if a in inside else short_name(a))
+        return "x" if a is x else (shared.get(a, f"%{a.name}") if a in inside else short_name(a))
 
     def arg_text(a, pred: fx.Node | None) -> str:
         if isinstance(a, _Kw):
@@ -182,7 +183,7 @@ def site_ops(x: fx.Node, out: fx.Node, rewritten: bool = False) -> SiteOps:
         args = _arg_list(n)
         text = op_name(n) if len(args) == 1 and args[0] is pred and pred is not None else \
             f"{op_name(n)}({', '.join(arg_text(a, pred) for a in args)})"
-        return f"%{n.name} = {text}" if n in shared else text
+        return f"{shared[n]} = {text}" if n in shared else text
 
     # The main path: from the output back along each node's first argument that lies inside.
     path, n = [], out
@@ -202,7 +203,7 @@ def site_ops(x: fx.Node, out: fx.Node, rewritten: bool = False) -> SiteOps:
         reads = []
         for a in n.all_input_nodes:
             name = ref(a)
-            reads.append(name.lstrip("%"))
+            reads.append(a.name if a in inside else name)
             if a not in inside and name not in inputs:
                 inputs.append(name)
         op_nodes.append(OpNode(n.name, op_name(n), [_plain(a, x) for a in _arg_list(n)], reads,
