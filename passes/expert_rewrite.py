@@ -1,26 +1,105 @@
-"""Rewrite routed-experts blocks (see ``match_experts``) into ``pop::`` ops."""
+"""Rewrite routed-experts blocks (found by ``match_experts``) into ``pop::experts_*`` ops.
+
+The experts module's whole region is replaced by one op (the router, outside it, is untouched)::
+
+    prefill:  y = pop.experts_prefill(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj,
+                                      attention_mask, B, state…)    # per-expert importance, R/C/P, output
+    decode:   y = pop.experts_decode(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, state…)
+                                      # each token through its chosen experts, R ∪ selected candidates
+
+State tensors (``pop_fx.expert_state``) enter as placeholders appended after every other,
+like the dense sites' (``pop_rewrite.add_state_placeholders``), and the backend passes them.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
+import pop_fx.expert_ops  # noqa: F401  (registers torch.ops.pop.experts_*)
+from pop_fx import expert_state as _experts
 from pop_fx import state as _state
 from pop_fx.config import PopConfig
+from pop_fx.expert_state import EXPERT_STATE_NAMES, ExpertsState
 
 from .match_experts import ExpertsMatch
 from .match_ffn import Skipped
+from .pop_rewrite import _attention_mask
+
+pop = torch.ops.pop
+
+
+def add_expert_placeholders(gm: fx.GraphModule, st: ExpertsState, prefix: str) -> dict[str, fx.Node]:
+    """One placeholder per state tensor, after all others; static (address-stable) inputs for Inductor."""
+    g = gm.graph
+    last = [n for n in g.nodes if n.op == "placeholder"][-1]
+    nodes = {}
+    with g.inserting_after(last):
+        for name in reversed(EXPERT_STATE_NAMES):
+            ph = g.placeholder(f"{prefix}_{name}")
+            ph._dynamo_source = None  # AOT refuses an unknown source; None marks "not from user code"
+            ph.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+            ph.meta["example_value"] = st.tensors[name]
+            ph.meta["pop_state"] = name
+            nodes[name] = ph
+    return nodes
+
+
+def _replace_region(g: fx.Graph, m: ExpertsMatch, y: fx.Node) -> None:
+    m.output.replace_all_uses_with(y)
+    for n in reversed(m.region):
+        if n.users:
+            raise RuntimeError(f"experts region of {m.path}: {n.name} is still used after the rewrite")
+        g.erase_node(n)
+
+
+def rewrite_prefill(gm: fx.GraphModule, m: ExpertsMatch, st: ExpertsState, s: dict[str, fx.Node]) -> None:
+    g, cfg, z = gm.graph, st.config, st.sizes
+    with g.inserting_before(m.output):
+        b = g.call_method("size", (m.batch_source, 0))
+        y = g.call_function(pop.experts_prefill.default, (
+            m.hidden, m.top_k_index, m.top_k_weights, m.gate_up, m.down, _attention_mask(gm), b,
+            s["wd_norm"], s["rc_idx"], s["wd_norm_c"], s["dense"], s["w_in"], s["wd_t"],
+            z.n_keep, z.n_R, z.n_C, m.activation, cfg.scope == "sequence", cfg.prefill == "pruned",
+            cfg.empty_expert == "dense"))
+    _replace_region(g, m, y)
+
+
+def rewrite_decode(gm: fx.GraphModule, m: ExpertsMatch, st: ExpertsState, s: dict[str, fx.Node]) -> None:
+    g, cfg, z = gm.graph, st.config, st.sizes
+    with g.inserting_before(m.output):
+        y = g.call_function(pop.experts_decode.default, (
+            m.hidden, m.top_k_index, m.top_k_weights, m.gate_up, m.down,
+            s["rc_idx"], s["wd_norm_c"], s["dense"], s["w_in"], s["wd_t"],
+            z.n_R, z.n_select, m.activation, cfg.scope == "sequence"))
+    _replace_region(g, m, y)
 
 
 def rewrite_experts(gm: fx.GraphModule, experts: list[ExpertsMatch], skipped: list[Skipped], cfg: PopConfig,
                     counts: dict[str, int]) -> list[torch.Tensor]:
-    """Record every experts block; returns the state tensors of the placeholders added (none yet)."""
+    """Rewrite every matched experts block; returns the real state tensors of the placeholders added, in order."""
     if experts or skipped:  # dense graphs keep the dense passes' counts unchanged
-        counts["experts"] = len(experts)
+        counts.update(experts=len(experts), experts_skipped=len(skipped), experts_prefill=0, experts_decode=0)
     for s in skipped:
         if s.param is not None:
             _state.note(s.param, cfg, "expert", s.reason, path=s.path)
-    for m in experts:
-        _state.note(m.param, cfg, "expert", "routed experts are not rewritten by the compiled backend yet",
-                    path=m.path, matched=True)
-    return []
+    tensors: list[torch.Tensor] = []
+    for i, m in enumerate(experts):
+        z = _experts.partition_sizes(m.d_ff, cfg.sparsity, cfg.candidate_ratio)
+        if z.n_keep >= m.d_ff:
+            _state.note(m.param, cfg, "expert", "dense: every channel kept (sparsity 0)", path=m.path, matched=True)
+            continue
+        if z.n_keep < 1:
+            _state.note(m.param, cfg, "expert", f"dense: d_ff={m.d_ff} too small for sparsity={cfg.sparsity} "
+                        "(n_keep < 1)", path=m.path, matched=True)
+            continue
+        st = _experts.get_or_create(m.gate_up_param, m.param, cfg)
+        st.info.update(path=m.path, activation=m.activation, pattern=f"Experts[{m.implementation}]")
+        nodes = add_expert_placeholders(gm, st, f"pop_experts{i}")
+        kind = "decode" if m.is_decode else "prefill"
+        (rewrite_decode if m.is_decode else rewrite_prefill)(gm, m, st, nodes)
+        st.graphs.add(kind)
+        counts[f"experts_{kind}"] += 1
+        tensors.extend(st.tensors[name] for name in EXPERT_STATE_NAMES)
+        _state.note(m.param, cfg, "expert", "pop", path=m.path, matched=True)
+    return tensors

@@ -28,6 +28,7 @@ def compile(model: torch.nn.Module, config: PopConfig | dict | None = None, *, m
     if mode is not None:
         cfg = cfg.replace(mode=mode)
     backend = functools.partial(pop_backend, config=cfg)
+    _experts_for_compile(model)
     model.compile(backend=backend)
     model._pop_config = cfg
     if hasattr(model, "generate") and "generate" not in vars(model):
@@ -62,8 +63,23 @@ def decompile(model: torch.nn.Module) -> torch.nn.Module:
         gen_cfg.compile_config = None
     for attr in ("_compiled_call", "_last_compile_config"):
         vars(model).pop(attr, None)
+    if "_pop_experts_implementation" in vars(model):
+        model.set_experts_implementation(vars(model).pop("_pop_experts_implementation"))
     reset(model)
     return model
+
+
+def _experts_for_compile(model: torch.nn.Module) -> None:
+    """Switch transformers' ``eager`` experts implementation to ``grouped_mm`` (undone by ``decompile``).
+
+    ``eager`` loops over a data-dependent ``nonzero()``: Dynamo breaks the graph there and the experts
+    would run outside every graph, unpruned and unreported. ``grouped_mm`` (transformers' default under
+    compile) computes the same function in one graph, where the pop backend rewrites the experts block.
+    """
+    impl = getattr(getattr(model, "config", None), "_experts_implementation", None)
+    if impl == "eager" and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("grouped_mm")
+        vars(model).setdefault("_pop_experts_implementation", impl)
 
 
 def reset(model: torch.nn.Module) -> None:
@@ -124,12 +140,15 @@ def report(model: torch.nn.Module, config: PopConfig | None = None) -> Report:
             if cfg is not None and c != cfg:
                 continue
             s = st.sizes
-            rep.sites.append({
-                "path": path, "kind": st.kind, "activation": st.info.get("activation", ""),
-                "pattern": st.info.get("pattern", ""), "d_ff": st.d_ff, "n_keep": s.n_keep,
-                "n_R": s.n_R, "n_C": s.n_C, "n_P": s.n_P, "graphs": sorted(st.graphs),
-                "extra_bytes": st.extra_bytes,
-            })
+            # A routed-experts state holds E sites (one row per expert); its layout bytes are split evenly.
+            rows = st.report_sites() if hasattr(st, "report_sites") else [(path, st.kind)]
+            for row_path, kind in rows:
+                rep.sites.append({
+                    "path": row_path, "kind": kind, "activation": st.info.get("activation", ""),
+                    "pattern": st.info.get("pattern", ""), "d_ff": st.d_ff, "n_keep": s.n_keep,
+                    "n_R": s.n_R, "n_C": s.n_C, "n_P": s.n_P, "graphs": sorted(st.graphs),
+                    "extra_bytes": st.extra_bytes // len(rows),
+                })
             if st.graphs == {"decode"}:
                 rep.warnings.append(f"{path}: decode graphs are pruned but no prefill graph was (a graph break or "
                                     "the recompile limit ran the prefill without POP): decoding uses a stale or "

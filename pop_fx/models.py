@@ -65,6 +65,15 @@ _TINY: dict[str, tuple[str, str, dict]] = {
         "OlmoeForCausalLM",
         dict(_COMMON, intermediate_size=56, num_experts=4, num_experts_per_tok=2),
     ),
+    # DeepSeek-style MoE: a dense first layer, then shared + routed experts (group-limited routing, MLA attention).
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(_COMMON, num_hidden_layers=3, num_key_value_heads=4, intermediate_size=120, moe_intermediate_size=32,
+             n_routed_experts=4, n_shared_experts=3, num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1,
+             kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8,
+             rope_interleave=False),
+    ),
 }
 
 TINY_FAMILIES = tuple(_TINY)

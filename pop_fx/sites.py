@@ -127,7 +127,7 @@ def _match_dense(path: str, module: nn.Module) -> tuple[FFNSite | None, str | No
             channel_dim = -1
         else:  # Conv1D weight is [d_ff, d_out]
             channel_dim = 0
-        if kind == "gated" and path.split(".")[-1] == "shared_expert":
+        if kind == "gated" and path.split(".")[-1] in ("shared_expert", "shared_experts"):  # Qwen2-MoE, DeepSeek
             kind = "shared_expert"
         return FFNSite(path, kind, d_ff, module, down, channel_dim, None, tuple(ups)), None
     return None, None
