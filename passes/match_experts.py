@@ -157,10 +157,13 @@ def _experts_modules(graph: fx.Graph) -> dict[str, tuple[str, list[fx.Node]]]:
     """stack key -> (path, 3-D Parameter placeholders read inside that module)."""
     found: dict[str, tuple[str, list[fx.Node]]] = {}
     for ph in graph.nodes:
-        if ph.op != "placeholder":
+        if ph.op != "placeholder" or val(ph) is None or val(ph).dim() != 3:
             continue
-        p = param_of(ph)
-        if p is None or p.dim() != 3:
+        try:
+            p = param_of(ph)
+        except AssertionError:  # Dynamo's weak reference to a temporary input has expired: not a Parameter
+            continue
+        if p is None:
             continue
         for u in ph.users:
             mk = _module_key(u)
