@@ -12,8 +12,8 @@ Decode graph (one token per sequence), scope="batch"::
     H_rc = act(g) [· u]                       # the same elementwise nodes, now n_R + n_C wide
     y = pop.decode(H_rc, state.wd_t, bd, state.wd_norm_c, n_R, n_select)   # was: down(H)
 
-Decode graph, scope="sequence": ``z = pop.gather_in(x, W_up…, state.rc_idx)`` and
-``pop.decode_seq`` read each sequence's own R ∪ C from the original weights.
+Decode graph, scope="sequence": gate/up stay dense over all channels (one GEMM for the batch) and
+``pop.decode_seq`` selects each sequence's candidates from its own R ∪ C and projects down.
 
 State tensors enter the graph as new placeholders (appended after Dynamo's);
 the backend's wrapper passes the real tensors at every call.
@@ -117,14 +117,19 @@ def rewrite_decode(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state: dict[
     per_seq = st.config.scope == "sequence"
     src0 = m.sources[0]
     x = src0.x
-    w_a, b_a, w_b, b_b = site_weights(m)
-    # 1. gate/up over R ∪ C only: one projection replaces the site's one or two.
+    if per_seq:
+        # Gate/up stay dense (one GEMM serves the batch; per-sequence copies would not fit in memory);
+        # selection and the down projection are per sequence.
+        with g.inserting_before(m.down):
+            y = g.call_function(pop.decode_seq.default,
+                                (m.h, m.down_weight, m.down_bias, state["wd_norm"], state["rc_idx"],
+                                 sizes.n_R, sizes.n_select, st.flags))
+        _replace_down(g, m, y)
+        return
+    # 1. gate/up over R ∪ C only: one projection over the contiguous layout replaces the site's one or two.
     anchor = min((s.proj for s in m.sources), key=lambda n: list(g.nodes).index(n))
     with g.inserting_before(anchor):
-        if per_seq:
-            z = g.call_function(pop.gather_in.default, (x, w_a, b_a, w_b, b_b, state["rc_idx"], m.d_ff, st.flags))
-        else:
-            z = g.call_function(torch._C._nn.linear, (x, state["w_in"], state["b_in"]))
+        z = g.call_function(torch._C._nn.linear, (x, state["w_in"], state["b_in"]))
     if m.kind == "fused_gated":
         src0.proj.replace_all_uses_with(z)  # the chunk(2) that follows still splits gate | up
     elif m.kind == "gated":
@@ -150,13 +155,8 @@ def rewrite_decode(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state: dict[
     # Chunk getitems of a fused projection were leaves: they stay (they now split z).
     # 2. down over R ∪ selected candidates.
     with g.inserting_before(m.down):
-        if per_seq:
-            y = g.call_function(pop.decode_seq.default,
-                                (m.h, m.down_weight, m.down_bias, state["wd_norm_c"], state["rc_idx"],
-                                 sizes.n_R, sizes.n_select, st.flags))
-        else:
-            y = g.call_function(pop.decode.default,
-                                (m.h, state["wd_t"], m.down_bias, state["wd_norm_c"], sizes.n_R, sizes.n_select))
+        y = g.call_function(pop.decode.default,
+                            (m.h, state["wd_t"], m.down_bias, state["wd_norm_c"], sizes.n_R, sizes.n_select))
     _replace_down(g, m, y)
 
 

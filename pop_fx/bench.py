@@ -1,0 +1,281 @@
+"""`pop-fx bench`: decode speed of POP against dense and the sliced ideal, side by side in one process.
+
+Variants (each its own compiled module over the *same* Parameters, except the sliced ideal):
+
+* ``dense-eager``   — the model as is;
+* ``dense-inductor`` — stock ``torch.compile`` (Inductor, default options);
+* ``sliced``        — every FFN physically cut to the n_keep channels POP computes per step, under Inductor
+                      (the speed POP could reach at zero overhead);
+* ``pop``           — ``backend="pop"`` at the requested r and γ;
+* ``pop-full``      — ``backend="pop"`` with full re-evaluation (γ = 2).
+
+Two workloads: ``--ffn-only`` times one FFN layer (a residual stack of K gated FFNs whose weights
+together exceed the caches, so each step streams them from memory, as in a real model), otherwise
+end-to-end ``generate()`` decode tokens/s (prefill excluded). Variants are timed in interleaved rounds
+so that machine noise falls on all of them alike; the medians and the ratios are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+VARIANTS = ("dense-eager", "dense-inductor", "sliced", "pop", "pop-full")
+
+
+# ------------------------------------------------------------------------------------------------
+# workloads
+# ------------------------------------------------------------------------------------------------
+
+
+class GatedFFN(nn.Module):
+    def __init__(self, d: int, f: int, dtype):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, f, bias=False, dtype=dtype)
+        self.up_proj = nn.Linear(d, f, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(f, d, bias=False, dtype=dtype)
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class FFNStack(nn.Module):
+    """K gated FFN layers with residual adds: one FFN per 'layer', weights larger than the caches."""
+
+    def __init__(self, d: int, f: int, k: int, dtype=torch.float32, seed: int = 0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.layers = nn.ModuleList(GatedFFN(d, f, dtype) for _ in range(k))
+            for p in self.parameters():
+                nn.init.normal_(p, std=d ** -0.5)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def sliced_copy(model: nn.Module, n_keep_of) -> nn.Module:
+    """A copy of ``model`` whose every gated/plain FFN keeps only n_keep channels (the first ones: speed only)."""
+    from .sites import find_sites
+
+    out = copy.deepcopy(model)
+    sites, _ = find_sites(out)
+    for s in sites:
+        if s.kind not in ("gated", "plain", "fused_gated"):
+            continue
+        k = n_keep_of(s.d_ff)
+        for name, mod in list(s.module.named_children()):
+            if not isinstance(mod, nn.Linear):
+                continue
+            if mod is s.down:
+                new = nn.Linear(k, mod.out_features, bias=mod.bias is not None, dtype=mod.weight.dtype)
+                new.weight.data = mod.weight.data[:, :k].contiguous()
+                if mod.bias is not None:
+                    new.bias.data = mod.bias.data.clone()
+            elif mod.out_features in (s.d_ff, 2 * s.d_ff):
+                rows = k if mod.out_features == s.d_ff else 2 * k
+                idx = torch.arange(k) if rows == k else torch.cat([torch.arange(k), s.d_ff + torch.arange(k)])
+                new = nn.Linear(mod.in_features, rows, bias=mod.bias is not None, dtype=mod.weight.dtype)
+                new.weight.data = mod.weight.data[idx].contiguous()
+                if mod.bias is not None:
+                    new.bias.data = mod.bias.data[idx].clone()
+            else:
+                continue
+            setattr(s.module, name, new)
+        if hasattr(s.module, "intermediate_size"):
+            s.module.intermediate_size = k
+    return out
+
+
+def _shallow(model: nn.Module) -> nn.Module:
+    """A second top-level module over the same Parameters: ``compile`` in place touches only the top."""
+    clone = copy.copy(model)
+    clone.__dict__ = dict(model.__dict__)
+    clone._compiled_call_impl = None
+    return clone
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    variant: str
+    times: list = field(default_factory=list)
+    prefill_s: float = float("nan")
+    extra_bytes: int = 0
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else float("nan")
+
+
+def _build_variants(model, config, variants, n_keep_of):
+    import pop_fx
+
+    built = {}
+    for v in variants:
+        torch.manual_seed(0)
+        if v == "dense-eager":
+            built[v] = model
+        elif v == "dense-inductor":
+            m = _shallow(model)
+            m.compile(backend="inductor")
+            built[v] = m
+        elif v == "sliced":
+            m = sliced_copy(model, n_keep_of)
+            m.compile(backend="inductor")
+            built[v] = m
+        elif v == "pop":
+            built[v] = pop_fx.compile(_shallow(model), config)
+        elif v == "pop-full":
+            built[v] = pop_fx.compile(_shallow(model), config.replace(candidate_ratio=2.0))
+        else:
+            raise ValueError(f"variant={v!r} is invalid: allowed one of {list(VARIANTS)}")
+    return built
+
+
+def bench_ffn(d: int, f: int, k: int, config, *, batch: int = 1, prompt: int = 16, steps: int = 20,
+              rounds: int = 5, dtype=torch.float32, variants=VARIANTS) -> dict[str, Cell]:
+    """Per-layer decode-step time of a K-layer FFN stack (ms), each variant compiled once."""
+    from .partition import partition_sizes
+
+    model = FFNStack(d, f, k, dtype).eval()
+    n_keep_of = lambda ff: partition_sizes(ff, config.sparsity, config.candidate_ratio).n_keep  # noqa: E731
+    built = _build_variants(model, config, variants, n_keep_of)
+    x_pre = torch.randn(batch, prompt, d, dtype=dtype)
+    x_dec = torch.randn(batch, 1, d, dtype=dtype)
+    cells = {v: Cell(v) for v in variants}
+    with torch.no_grad():
+        for v, m in built.items():  # compile + warm up: prefill then decode graphs
+            for _ in range(2):
+                m(x_pre)
+                m(x_dec)
+            t0 = time.perf_counter()
+            m(x_pre)
+            cells[v].prefill_s = time.perf_counter() - t0
+        for _ in range(rounds):
+            for v, m in built.items():
+                m(x_pre)  # each round re-partitions, as a new prompt would
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    m(x_dec)
+                cells[v].times.append((time.perf_counter() - t0) / steps / k * 1e3)
+    _extra(built, cells)
+    return cells
+
+
+def bench_generate(model, tok, config, *, batch: int = 1, prompt: str | None = None, new_tokens: int = 32,
+                   rounds: int = 3, variants=VARIANTS) -> dict[str, Cell]:
+    """End-to-end greedy decode tokens/s (prefill excluded) of each variant."""
+    from .partition import partition_sizes
+
+    n_keep_of = lambda ff: partition_sizes(ff, config.sparsity, config.candidate_ratio).n_keep  # noqa: E731
+    built = _build_variants(model, config, variants, n_keep_of)
+    text = prompt or "In the beginning, God created the heavens and the earth. The earth was formless and empty."
+    enc = tok([text] * batch, return_tensors="pt")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    kw = dict(do_sample=False, pad_token_id=pad)
+    cells = {v: Cell(v) for v in variants}
+
+    def gen(m, n):
+        t0 = time.perf_counter()
+        m.generate(**enc, max_new_tokens=n, min_new_tokens=n, **kw)
+        return time.perf_counter() - t0
+
+    with torch.no_grad():
+        for v, m in built.items():  # compile every graph these lengths need
+            gen(m, 1)
+            gen(m, new_tokens)
+        for _ in range(rounds):
+            for v, m in built.items():
+                t1 = gen(m, 1)
+                tn = gen(m, new_tokens)
+                cells[v].prefill_s = t1
+                cells[v].times.append((new_tokens - 1) / max(tn - t1, 1e-9))  # tokens/s
+    _extra(built, cells)
+    return cells
+
+
+def _extra(built, cells):
+    import pop_fx
+
+    for v in ("pop", "pop-full"):
+        if v in built:
+            cells[v].extra_bytes = pop_fx.report(built[v]).extra_bytes
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ffn-only", action="store_true", help="time one FFN layer (a stack of K) instead of generate()")
+    parser.add_argument("--shape", default="1b", choices=["1b", "smollm2"],
+                        help="--ffn-only shape: 1b = d 2048, d_ff 5632; smollm2 = d 576, d_ff 1536")
+    parser.add_argument("--layers", type=int, default=8, help="--ffn-only: FFN layers in the stack (default %(default)s)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+
+
+def run(args: argparse.Namespace) -> int:
+    from .cli import config_from_args
+    from .models import load_model, parse_dtype
+
+    torch.set_num_threads(args.threads)
+    config = config_from_args(args)
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"--variants: {v!r} is invalid: allowed {list(VARIANTS)}")
+    dtype = parse_dtype(args.dtype)
+    if args.ffn_only:
+        d, f = (2048, 5632) if args.shape == "1b" else (576, 1536)
+        cells = bench_ffn(d, f, args.layers, config, batch=args.batch, rounds=args.rounds, dtype=dtype,
+                          variants=variants)
+        unit, higher_better, what = "ms/layer", False, f"one FFN layer d={d} d_ff={f} (stack of {args.layers})"
+    else:
+        model, tok = load_model(args.model, dtype)
+        cells = bench_generate(model, tok, config, batch=args.batch, new_tokens=args.new_tokens, rounds=args.rounds,
+                               variants=variants)
+        unit, higher_better, what = "tokens/s", True, f"{args.model} generate() decode"
+    base = cells.get("dense-inductor")
+    ideal = cells.get("sliced")
+
+    def speedup(c, ref):
+        if ref is None:
+            return float("nan")
+        return c.median / ref.median if higher_better else ref.median / c.median
+
+    rows = [dict(variant=v, median=c.median, unit=unit, samples=c.times, prefill_s=c.prefill_s,
+                 speedup_vs_dense_inductor=speedup(c, base), speedup_vs_sliced=speedup(c, ideal),
+                 extra_mib=c.extra_bytes / 2**20) for v, c in cells.items()]
+    meta = dict(what=what, config=config.as_dict(), batch=args.batch, dtype=str(dtype), threads=args.threads,
+                torch=torch.__version__)
+    if args.json:
+        print(json.dumps(dict(meta=meta, rows=rows), indent=2))
+        return 0
+    print(f"{what}, batch {args.batch}, {dtype}, {args.threads} threads, r={config.sparsity} γ={config.candidate_ratio}")
+    print(f"{'variant':16s} {unit:>10s} {'× dense-ind':>12s} {'× sliced':>9s} {'prefill s':>10s} {'extra MiB':>10s}")
+    for r in rows:
+        print(f"{r['variant']:16s} {r['median']:10.3f} {r['speedup_vs_dense_inductor']:12.3f} "
+              f"{r['speedup_vs_sliced']:9.3f} {r['prefill_s']:10.4f} {r['extra_mib']:10.1f}")
+    print("(× columns: speed relative to that variant, > 1 is faster)")
+    gc.collect()
+    return 0
