@@ -77,7 +77,9 @@ def _experts_for_compile(model: torch.nn.Module) -> None:
     compile) computes the same function in one graph, where the pop backend rewrites the experts block.
     """
     impl = getattr(getattr(model, "config", None), "_experts_implementation", None)
-    if impl == "eager" and hasattr(model, "set_experts_implementation"):
+    has_experts = any(isinstance(getattr(m, "gate_up_proj", None), torch.Tensor) and m.gate_up_proj.dim() == 3
+                      and hasattr(m, "_apply_gate") for m in model.modules())
+    if impl == "eager" and has_experts and hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation("grouped_mm")
         vars(model).setdefault("_pop_experts_implementation", impl)
 
