@@ -162,4 +162,12 @@ def report(model: torch.nn.Module, config: PopConfig | None = None) -> Report:
                 continue
             if nt["reason"] != "pop" and not _state.states_of(p).get(c):
                 rep.dense.append({"path": path, "kind": nt["kind"], "reason": nt["reason"], "matched": nt["matched"]})
+    # Vision towers never reach a decode graph (transformers' generate() even encodes images before the
+    # compiled forward): list their FFNs from the live model, with POP_SPEC's reason.
+    from .sites import VISION_REASON, find_sites
+
+    listed = {d["path"] for d in rep.dense}
+    for path, reason in find_sites(model)[1]:
+        if reason == VISION_REASON and path not in listed:
+            rep.dense.append({"path": path, "kind": None, "reason": reason, "matched": False})
     return rep

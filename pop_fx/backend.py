@@ -46,12 +46,14 @@ def passes_uuid(config: PopConfig) -> str:
     import passes.expert_rewrite
     import passes.match_experts
     import passes.match_ffn
+    import passes.match_vision
     import passes.pop_rewrite
 
     from . import ops
 
     h = hashlib.sha256()
-    for mod in (passes.match_ffn, passes.pop_rewrite, passes.match_experts, passes.expert_rewrite, ops):
+    for mod in (passes.match_ffn, passes.pop_rewrite, passes.match_experts, passes.expert_rewrite,
+                passes.match_vision, ops):
         h.update(inspect.getsource(mod).encode())
     h.update(repr(sorted(config.as_dict().items())).encode())
     return h.hexdigest()
@@ -120,11 +122,14 @@ def rewrite_graph(gm: fx.GraphModule, cfg: PopConfig) -> Rewritten:
     from passes.expert_rewrite import rewrite_experts
     from passes.match_experts import find_experts, site_kinds
     from passes.match_ffn import find_sites
+    from passes.match_vision import split_vision_tower
     from passes.pop_rewrite import (add_state_placeholders, n_inputs, rewrite_decode, rewrite_prefill, site_flags,
                                     site_weights)
 
     gm2 = copy_graph_module(gm)
     sites, skipped = find_sites(gm2)
+    sites, vision = split_vision_tower(sites)  # a vision tower runs only in prefill: not a site
+    skipped = skipped + vision
     experts, experts_skipped = find_experts(gm2)
     kinds = site_kinds(sites, experts + experts_skipped)  # gated sites beside routed experts are shared experts
     for s in skipped:

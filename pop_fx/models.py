@@ -78,6 +78,80 @@ _TINY: dict[str, tuple[str, str, dict]] = {
 
 TINY_FAMILIES = tuple(_TINY)
 
+# Tiny vision-language models: a 2-block vision tower (14-pixel patches, 2x2 merge) feeding the tiny text model.
+_VLM_IDS = dict(vision_start_token_id=248, vision_end_token_id=249, image_token_id=250, video_token_id=251)
+_VLM_TEXT = dict(_COMMON, intermediate_size=96, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                 "mrope_section": [2, 3, 3]})
+_TINY_VLM: dict[str, tuple[str, str, dict]] = {
+    "qwen2_vl": (
+        "Qwen2VLConfig",
+        "Qwen2VLForConditionalGeneration",
+        dict(_VLM_IDS, text_config=_VLM_TEXT,
+             vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=14,
+                                spatial_merge_size=2, temporal_patch_size=2)),
+    ),
+    "qwen2_5_vl": (
+        "Qwen2_5_VLConfig",
+        "Qwen2_5_VLForConditionalGeneration",
+        dict(_VLM_IDS, text_config=_VLM_TEXT,
+             vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_heads=2,
+                                patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                                fullatt_block_indexes=[1])),
+    ),
+}
+TINY_VLM_FAMILIES = tuple(_TINY_VLM)
+
+
+def tiny_vlm(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A randomly initialised tiny Qwen2-VL / Qwen2.5-VL in eval mode (same seed, same weights)."""
+    import transformers
+
+    if model_type not in _TINY_VLM:
+        raise ValueError(f"model_type={model_type!r} is not a tiny VLM: allowed one of {list(_TINY_VLM)}")
+    cfg_cls, lm_cls, fields = _TINY_VLM[model_type]
+    config = getattr(transformers, cfg_cls)(**copy.deepcopy(fields))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, lm_cls)(config)
+    return model.to(dtype).eval()
+
+
+def vlm_inputs(model, batch: int = 2, grid: tuple[int, int] = (4, 4), text: int = 5, seed: int = 0) -> dict:
+    """generate() inputs for a tiny Qwen-VL: one image of ``grid`` patches per sequence, plus text.
+
+    The tensors have the layout Qwen2-VL's processor produces: ``pixel_values`` [patches, C·T·P·P]
+    (patches of every image concatenated, each flattened channel-major), ``image_grid_thw`` [images, 3]
+    = (temporal, height, width) in patches, ``input_ids`` with one ``image_token_id`` per merged
+    (2x2) patch between ``vision_start``/``vision_end``, and ``mm_token_type_ids`` = 1 on image tokens.
+    Sequence 0 is left-padded by 2 tokens (when batch > 1).
+    """
+    cfg = model.config
+    vc = cfg.vision_config
+    g = torch.Generator().manual_seed(seed)
+    h, w = grid
+    n_patches = h * w
+    n_image_tokens = n_patches // vc.spatial_merge_size**2
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    vocab = cfg.text_config.vocab_size
+    rows = []
+    for b in range(batch):
+        words = torch.randint(4, cfg.vision_start_token_id, (text,), generator=g).tolist()
+        rows.append(words[:2] + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_image_tokens
+                    + [cfg.vision_end_token_id] + words[2:])
+    ids = torch.tensor(rows)
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        ids[0, :2] = cfg.text_config.pad_token_id
+        mask[0, :2] = 0
+    assert int(ids.max()) < vocab
+    return dict(
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=torch.randn(batch * n_patches, patch_dim, generator=g).to(model.dtype),
+        image_grid_thw=torch.tensor([[1, h, w]] * batch),
+        mm_token_type_ids=(ids == cfg.image_token_id).int(),
+    )
+
 
 def _check_family(model_type: str) -> None:
     if model_type not in _TINY:
@@ -200,4 +274,4 @@ def load_model(name: str = "smollm2", dtype: str | torch.dtype = torch.float32):
     return model, tok
 
 
-__all__ = ["TINY_FAMILIES", "load_model", "parse_dtype", "smollm2_gguf", "smollm2_path", "tiny_config", "tiny_model"]
+__all__ = ["TINY_FAMILIES", "TINY_VLM_FAMILIES", "load_model", "parse_dtype", "smollm2_gguf", "smollm2_path", "tiny_config", "tiny_model", "tiny_vlm", "vlm_inputs"]

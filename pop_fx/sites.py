@@ -113,8 +113,8 @@ def _match_dense(path: str, module: nn.Module) -> tuple[FFNSite | None, str | No
         mods = [getattr(module, n, None) for n in (*ups, down_name)]
         if not all(isinstance(m, nn.Module) and _linear_like(m) for m in mods):
             continue
-        if kind == "plain" and down_name == "fc2" and not hasattr(module, "activation_fn"):
-            continue  # fc1/fc2 without an activation is e.g. an adapter, not an FFN
+        if kind == "plain" and down_name == "fc2" and not (hasattr(module, "activation_fn") or hasattr(module, "act")):
+            continue  # fc1/fc2 without an activation is e.g. an adapter, not an FFN (Qwen2-VL's VisionMlp calls it act)
         *up_mods, down = mods
         d_in, d_out = _io(down)
         d_ff = d_in
