@@ -37,10 +37,15 @@ def decode_down_reference(h_rc: Tensor, wd_t: Tensor, bd: Tensor | None, wd_norm
                           n_select: int) -> Tensor:
     lead = h_rc.shape[:-1]
     h2 = h_rc.reshape(-1, h_rc.shape[-1])
-    y = h2[:, :n_R] @ wd_t[:n_R]
     if n_select > 0:
+        # Zero the unselected candidates and run ONE GEMV over all R ∪ C rows: on a CPU that streams
+        # n_R + n_C contiguous rows, less memory traffic than gathering the selected rows into a copy
+        # (read + write + read again) and a second GEMV. (The Triton kernel gathers without a copy.)
         sel = candidate_topk(h2[:, n_R:], wd_norm_c, n_select)
-        y = y + h2[:, n_R:].index_select(1, sel) @ wd_t[n_R:].index_select(0, sel)
+        keep_c = torch.zeros(h2.shape[-1] - n_R, dtype=h2.dtype, device=h2.device).index_fill_(0, sel, 1)
+        y = torch.cat([h2[:, :n_R], h2[:, n_R:] * keep_c], dim=-1) @ wd_t
+    else:
+        y = h2[:, :n_R] @ wd_t[:n_R]
     if bd is not None:
         y = y + bd
     return y.reshape(*lead, wd_t.shape[1])

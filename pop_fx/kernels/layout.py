@@ -36,16 +36,26 @@ def in_rows(d_ff: int, idx: Tensor, flags: int) -> Tensor:
     return idx
 
 
-def _layout_in(idx: Tensor, d_ff: int, w_a: Tensor, b_a: Tensor | None, w_b: Tensor | None, b_b: Tensor | None, flags: int):
-    """Gate/up rows of channels ``idx`` as one [n_in·|idx|, d] matrix and its bias (zeros if none)."""
+def write_in_layout(idx: Tensor, d_ff: int, w_a: Tensor, b_a: Tensor | None, w_b: Tensor | None,
+                    b_b: Tensor | None, flags: int, w_in: Tensor, b_in: Tensor) -> None:
+    """Gate/up rows of channels ``idx`` into ``w_in`` ([n_in·|idx|, d]) and their bias into ``b_in`` (0 if none).
+
+    Gathers straight into the destination (``index_select(out=)``): no intermediate copy of the rows.
+    """
     wa = _rows(w_a, flags)
     rows = in_rows(d_ff, idx, flags)
-    ws = [wa.index_select(0, rows)]
-    bs = [b_a.index_select(0, rows) if b_a is not None else wa.new_zeros(rows.numel())]
+    n = rows.numel()
+    torch.index_select(wa, 0, rows, out=w_in[:n])
+    if b_a is not None:
+        torch.index_select(b_a, 0, rows, out=b_in[:n])
+    else:
+        b_in[:n].zero_()
     if w_b is not None:
-        ws.append(_rows(w_b, flags).index_select(0, idx))
-        bs.append(b_b.index_select(0, idx) if b_b is not None else wa.new_zeros(idx.numel()))
-    return torch.cat(ws, 0), torch.cat(bs, 0)
+        torch.index_select(_rows(w_b, flags), 0, idx, out=w_in[n:])
+        if b_b is not None:
+            torch.index_select(b_b, 0, idx, out=b_in[n:])
+        else:
+            b_in[n:].zero_()
 
 
 def write_partition(scores: Tensor, sizes: P.PartitionSizes, wd: Tensor, w_a: Tensor, b_a: Tensor | None,
@@ -63,7 +73,8 @@ def write_partition(scores: Tensor, sizes: P.PartitionSizes, wd: Tensor, w_a: Te
     rc_idx.copy_(rc.expand_as(rc_idx))
     wd_norm_c.copy_(wd_norm[part.C].expand_as(wd_norm_c))
     if w_in.numel():
-        wi, bi = _layout_in(rc, d_ff, w_a, b_a, w_b, b_b, flags)
-        w_in.copy_(wi)
-        b_in.copy_(bi)
-        wd_t.copy_(wd.index_select(0, rc) if flags & CONV1D else wd.index_select(1, rc).t())
+        write_in_layout(rc, d_ff, w_a, b_a, w_b, b_b, flags, w_in, b_in)
+        if flags & CONV1D:
+            torch.index_select(wd, 0, rc, out=wd_t)
+        else:  # a column gather of [d_out, d_ff], then one transposing copy into channel-major rows
+            wd_t.copy_(wd.index_select(1, rc).t())
