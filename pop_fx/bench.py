@@ -184,9 +184,14 @@ def bench_generate(model, tok, config, *, batch: int = 1, prompt: str | None = N
 
     n_keep_of = lambda ff: partition_sizes(ff, config.sparsity, config.candidate_ratio).n_keep  # noqa: E731
     built = _build_variants(model, config, variants, n_keep_of)
-    text = prompt or "In the beginning, God created the heavens and the earth. The earth was formless and empty."
-    enc = tok([text] * batch, return_tensors="pt")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if tok is None:  # synthetic model: a fixed random prompt of 24 tokens
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, model.config.vocab_size, (batch, 24), generator=g)
+        enc, pad = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 0
+    else:
+        text = prompt or "In the beginning, God created the heavens and the earth. The earth was formless and empty."
+        enc = tok([text] * batch, return_tensors="pt")
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     kw = dict(do_sample=False, pad_token_id=pad)
     cells = {v: Cell(v) for v in variants}
 
@@ -222,6 +227,17 @@ def _extra(built, cells):
 # ------------------------------------------------------------------------------------------------
 
 
+def synthetic_1b(dtype=torch.float32):
+    """A Llama-shaped ~1.1B model with random weights (speed does not depend on the values)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ffn-only", action="store_true", help="time one FFN layer (a stack of K) instead of generate()")
     parser.add_argument("--shape", default="1b", choices=["1b", "smollm2"],
@@ -232,11 +248,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    parser.add_argument("--full", action="store_true",
+                        help="every cell: r in {0.3, 0.5} x batch {1, 8} x {float32, bfloat16} (scope='sequence' "
+                             "at batch 8 on smollm2); --model synthetic-1b for the 1B-shaped model")
 
 
 def run(args: argparse.Namespace) -> int:
     from .cli import config_from_args
-    from .models import load_model, parse_dtype
+    from .models import parse_dtype
 
     torch.set_num_threads(args.threads)
     config = config_from_args(args)
@@ -244,15 +263,34 @@ def run(args: argparse.Namespace) -> int:
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"--variants: {v!r} is invalid: allowed {list(VARIANTS)}")
-    dtype = parse_dtype(args.dtype)
+    cells = [(config, args.batch, parse_dtype(args.dtype))]
+    if args.full:
+        cells = []
+        for dt in (torch.float32, torch.bfloat16):
+            for b in (1, 8):
+                for r in (0.3, 0.5):
+                    scope = "sequence" if (b > 1 and args.model == "smollm2" and not args.ffn_only) else config.scope
+                    cells.append((config.replace(sparsity=r, scope=scope), b, dt))
+    tables = [_run_cell(args, cfg, b, dt, variants) for cfg, b, dt in cells]
+    if args.json:
+        print(json.dumps(tables if args.full else tables[0], indent=2))
+    return 0
+
+
+def _run_cell(args, config, batch, dtype, variants) -> dict:
+    from .models import load_model
+
+    torch._dynamo.reset()
     if args.ffn_only:
         d, f = (2048, 5632) if args.shape == "1b" else (576, 1536)
-        cells = bench_ffn(d, f, args.layers, config, batch=args.batch, rounds=args.rounds, dtype=dtype,
-                          variants=variants)
+        cells = bench_ffn(d, f, args.layers, config, batch=batch, rounds=args.rounds, dtype=dtype, variants=variants)
         unit, higher_better, what = "ms/layer", False, f"one FFN layer d={d} d_ff={f} (stack of {args.layers})"
     else:
-        model, tok = load_model(args.model, dtype)
-        cells = bench_generate(model, tok, config, batch=args.batch, new_tokens=args.new_tokens, rounds=args.rounds,
+        if args.model == "synthetic-1b":
+            model, tok = synthetic_1b(dtype), None
+        else:
+            model, tok = load_model(args.model, dtype)
+        cells = bench_generate(model, tok, config, batch=batch, new_tokens=args.new_tokens, rounds=args.rounds,
                                variants=variants)
         unit, higher_better, what = "tokens/s", True, f"{args.model} generate() decode"
     base = cells.get("dense-inductor")
@@ -266,16 +304,15 @@ def run(args: argparse.Namespace) -> int:
     rows = [dict(variant=v, median=c.median, unit=unit, samples=c.times, prefill_s=c.prefill_s,
                  speedup_vs_dense_inductor=speedup(c, base), speedup_vs_sliced=speedup(c, ideal),
                  extra_mib=c.extra_bytes / 2**20) for v, c in cells.items()]
-    meta = dict(what=what, config=config.as_dict(), batch=args.batch, dtype=str(dtype), threads=args.threads,
+    meta = dict(what=what, config=config.as_dict(), batch=batch, dtype=str(dtype), threads=args.threads,
                 torch=torch.__version__)
-    if args.json:
-        print(json.dumps(dict(meta=meta, rows=rows), indent=2))
-        return 0
-    print(f"{what}, batch {args.batch}, {dtype}, {args.threads} threads, r={config.sparsity} γ={config.candidate_ratio}")
-    print(f"{'variant':16s} {unit:>10s} {'× dense-ind':>12s} {'× sliced':>9s} {'prefill s':>10s} {'extra MiB':>10s}")
-    for r in rows:
-        print(f"{r['variant']:16s} {r['median']:10.3f} {r['speedup_vs_dense_inductor']:12.3f} "
-              f"{r['speedup_vs_sliced']:9.3f} {r['prefill_s']:10.4f} {r['extra_mib']:10.1f}")
-    print("(× columns: speed relative to that variant, > 1 is faster)")
+    if not args.json:
+        print(f"{what}, batch {batch}, {dtype}, {args.threads} threads, r={config.sparsity} "
+              f"γ={config.candidate_ratio} scope={config.scope}")
+        print(f"{'variant':16s} {unit:>10s} {'× dense-ind':>12s} {'× sliced':>9s} {'prefill s':>10s} {'extra MiB':>10s}")
+        for r in rows:
+            print(f"{r['variant']:16s} {r['median']:10.3f} {r['speedup_vs_dense_inductor']:12.3f} "
+                  f"{r['speedup_vs_sliced']:9.3f} {r['prefill_s']:10.4f} {r['extra_mib']:10.1f}")
+        print("(× columns: speed relative to that variant, > 1 is faster)\n")
     gc.collect()
-    return 0
+    return dict(meta=meta, rows=rows)
