@@ -25,7 +25,9 @@ def smollm2():
 def test_smollm2_compiled_generate_equals_reference(smollm2):
     model, tok = smollm2
     torch._dynamo.reset()
-    cfg = PopConfig(sparsity=0.5)
+    # The rewritten graph run as is: Inductor's lowering of the same graph is covered per family on tiny
+    # models, and compiling 30 layers through Inductor would cost minutes of CI on 2 cores.
+    cfg = PopConfig(sparsity=0.5, lowering="eager")
     enc = tok(PROMPT, return_tensors="pt")
     kw = dict(max_new_tokens=64, do_sample=False, pad_token_id=tok.eos_token_id, output_logits=True,
               return_dict_in_generate=True)
