@@ -179,6 +179,58 @@ def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
     return model.to(dtype).eval()
 
 
+def split_into_experts(model, num_experts: int = 4):
+    """A Mixtral-architecture copy of a Llama-architecture model whose every FFN is split into experts.
+
+    Expert e holds the contiguous block of ``d_ff / num_experts`` intermediate channels
+    ``[e·I, (e+1)·I)``: ``gate_up_proj[e] = [Wg[block]; Wu[block]]`` and ``down_proj[e] = Wd[:, block]``.
+    The router's weight is zero, so its softmax gives every expert 1/E, ``num_experts_per_tok = E``
+    activates all of them, and Mixtral's renormalisation keeps 1/E; ``down_proj`` is scaled by E
+    (a power of two, so exact in floating point) to make each expert's weighted output exactly its
+    channel block's share of the dense FFN. The sum of the E shares is the dense FFN up to the order
+    of floating-point additions. Attention, norms and embeddings are the same tensors' copies.
+    """
+    import transformers
+
+    cfg = model.config
+    if cfg.model_type != "llama" or getattr(cfg, "mlp_bias", False) or getattr(cfg, "attention_bias", False):
+        raise ValueError(f"split_into_experts needs a bias-free Llama-architecture model, got {cfg.model_type!r}")
+    d_ff = cfg.intermediate_size
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1 or d_ff % num_experts:
+        raise ValueError(f"num_experts={num_experts!r} is invalid: allowed a positive divisor of d_ff={d_ff}")
+    if num_experts & (num_experts - 1):
+        raise ValueError(f"num_experts={num_experts} is invalid: allowed a power of two (the exact 1/E weights)")
+    moe_cfg = transformers.MixtralConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=d_ff // num_experts,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=getattr(cfg, "head_dim", None), hidden_act=cfg.hidden_act,
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters=dict(cfg.rope_parameters), tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+        num_local_experts=num_experts, num_experts_per_tok=num_experts, sliding_window=None, router_jitter_noise=0.0,
+    )
+    moe = transformers.MixtralForCausalLM(moe_cfg).to(model.dtype).eval()
+    state = {k: v for k, v in model.state_dict().items() if ".mlp." not in k}
+    I = d_ff // num_experts
+    for i, layer in enumerate(model.model.layers):
+        mlp = layer.mlp
+        g, u, d = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+        pre = f"model.layers.{i}.mlp."
+        state[pre + "experts.gate_up_proj"] = torch.stack(
+            [torch.cat([g[e * I:(e + 1) * I], u[e * I:(e + 1) * I]]) for e in range(num_experts)])
+        state[pre + "experts.down_proj"] = torch.stack([d[:, e * I:(e + 1) * I] * num_experts
+                                                        for e in range(num_experts)])
+        state[pre + "gate.weight"] = torch.zeros(num_experts, cfg.hidden_size, dtype=g.dtype)
+    missing, unexpected = moe.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (moe_cfg.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"split_into_experts: missing {missing}, unexpected {unexpected}")
+    if moe_cfg.tie_word_embeddings:
+        moe.tie_weights()
+    moe.generation_config = copy.deepcopy(model.generation_config)
+    return moe
+
+
 def _cache_root() -> Path:
     return Path(os.environ.get("POP_FX_CACHE") or Path.home() / ".cache" / "pop-fx")
 
@@ -274,4 +326,5 @@ def load_model(name: str = "smollm2", dtype: str | torch.dtype = torch.float32):
     return model, tok
 
 
-__all__ = ["TINY_FAMILIES", "TINY_VLM_FAMILIES", "load_model", "parse_dtype", "smollm2_gguf", "smollm2_path", "tiny_config", "tiny_model", "tiny_vlm", "vlm_inputs"]
+__all__ = ["TINY_FAMILIES", "TINY_VLM_FAMILIES", "load_model", "parse_dtype", "smollm2_gguf", "smollm2_path", "split_into_experts", "tiny_config", "tiny_model", "tiny_vlm",
+           "vlm_inputs"]
