@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,12 @@ def compile(model: torch.nn.Module, config: PopConfig | dict | None = None, *, m
         def generate(*args, **kwargs):
             # A new generation never reads the previous one's partition (one-token prompts included).
             reset(model)
-            return original(*args, **kwargs)
+            hits = _recompile_limit_hits()
+            out = original(*args, **kwargs)
+            if _recompile_limit_hits() > hits:
+                vars(model)["_pop_recompile_limit_hit"] = True
+                warnings.warn(RECOMPILE_LIMIT_WARNING.format(torch._dynamo.config.recompile_limit), stacklevel=2)
+            return out
 
         model.generate = generate
     gen_cfg = getattr(model, "generation_config", None)
@@ -53,6 +59,19 @@ def compile(model: torch.nn.Module, config: PopConfig | dict | None = None, *, m
     return model
 
 
+RECOMPILE_LIMIT_WARNING = (
+    "pop: Dynamo hit torch._dynamo.config.recompile_limit ({}) on this model: forwards of new shapes now run "
+    "uncompiled (dense), and a decode step whose prefill ran uncompiled prunes with the data-free partition "
+    "instead of POP's; raise the limit or keep shapes steady")
+
+
+def _recompile_limit_hits() -> int:
+    """How many frames Dynamo stopped compiling because of the recompile limit (a process-wide counter)."""
+    from torch._dynamo.utils import counters
+
+    return sum(n for k, n in counters["unimplemented"].items() if k.startswith("Dynamo recompile limit exceeded"))
+
+
 def decompile(model: torch.nn.Module) -> torch.nn.Module:
     """The way back: the dense, uncompiled model (its Parameters were never modified)."""
     model._compiled_call_impl = None
@@ -61,7 +80,7 @@ def decompile(model: torch.nn.Module) -> torch.nn.Module:
     gen_cfg = getattr(model, "generation_config", None)
     if gen_cfg is not None and getattr(gen_cfg, "compile_config", None) is not None:
         gen_cfg.compile_config = None
-    for attr in ("_compiled_call", "_last_compile_config"):
+    for attr in ("_compiled_call", "_last_compile_config", "_pop_recompile_limit_hit"):
         vars(model).pop(attr, None)
     if "_pop_experts_implementation" in vars(model):
         model.set_experts_implementation(vars(model).pop("_pop_experts_implementation"))
@@ -170,4 +189,14 @@ def report(model: torch.nn.Module, config: PopConfig | None = None) -> Report:
     for path, reason in find_sites(model)[1]:
         if reason == VISION_REASON and path not in listed:
             rep.dense.append({"path": path, "kind": None, "reason": reason, "matched": False})
+    if vars(model).get("_pop_recompile_limit_hit"):
+        rep.warnings.append(RECOMPILE_LIMIT_WARNING.format(torch._dynamo.config.recompile_limit))
+    # An FFN the module tree shows but no compiled graph contained (a graph break between its projections
+    # puts them in different graphs, where no pass can see the whole block) runs dense: say so.
+    if cfg is not None:
+        found = {s["path"] for s in rep.sites} | {d["path"] for d in rep.dense}
+        for site in find_sites(model)[0]:
+            if site.kind != "expert" and site.path not in found:
+                rep.warnings.append(f"{site.path}: FFN found in no graph the pop backend compiled (a graph break "
+                                    "splits it, or it has not run yet): it runs dense")
     return rep
