@@ -82,9 +82,12 @@ def batch(rng: random.Random, vocab: int, max_batch: int, max_len: int):
 
 def soak(calls: int = 200, family: str = "llama", lowering: str = "inductor", scope: str = "batch",
          warmup: int = 20, new_tokens: int = 4, seed: int = 0, recompile_limit: int | None = None) -> dict:
-    rng = random.Random(seed)
-    if recompile_limit is not None:
-        torch._dynamo.config.recompile_limit = recompile_limit
+    limit = torch._dynamo.config.recompile_limit if recompile_limit is None else recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        return _soak(calls, family, lowering, scope, warmup, new_tokens, random.Random(seed))
+
+
+def _soak(calls, family, lowering, scope, warmup, new_tokens, rng) -> dict:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = tiny_model(family)

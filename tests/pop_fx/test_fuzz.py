@@ -119,7 +119,7 @@ def _compiled_vs_reference(spec, cfg, run, lowering):
     return block, got, ref
 
 
-@settings(max_examples=40)
+@settings(max_examples=30)
 @given(spec=blocks, cfg=configs, run=runs)
 def test_generated_ffn_equals_reference(spec, cfg, run):
     block, got, ref = _compiled_vs_reference(spec, cfg, run, "eager")
@@ -141,7 +141,7 @@ def test_generated_ffn_through_inductor_equals_reference(spec, cfg, run):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(spec=blocks, run=runs)
 def test_sparsity_zero_is_the_dense_module_exactly(spec, run):
     block = _block(spec, run["seed"])

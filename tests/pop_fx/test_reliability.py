@@ -411,3 +411,19 @@ def test_dtype_against_reference(family, dtype):
     # Later steps depend on earlier rounding: compare the first step and the first new token.
     assert torch.equal(got.sequences[:, : ids.shape[1] + 1], ref.sequences[:, : ids.shape[1] + 1])
     assert (got.logits[0].float() - ref.logits[0].float()).abs().max().item() < TOL[dtype]
+
+
+def test_soak_smoke():
+    """examples/soak.py, 3 calls (the 200-call figures are in README): bounded compiles, no probe drift."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "soak.py"
+    spec = importlib.util.spec_from_file_location("soak", path)
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    r = soak.soak(calls=3, lowering="eager", warmup=2, recompile_limit=64)
+    assert r["probe_same_tokens"] and r["probe_max_logit_diff"] == 0
+    assert not r["recompile_limit_hit"] and r["backend_invocations"] <= 16
+    assert all(g["counts"]["matched"] == 2 for g in r["graphs"])
+
