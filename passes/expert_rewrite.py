@@ -24,25 +24,9 @@ from pop_fx.expert_state import EXPERT_STATE_NAMES, ExpertsState
 
 from .match_experts import ExpertsMatch
 from .match_ffn import Skipped
-from .pop_rewrite import _attention_mask
+from .pop_rewrite import _attention_mask, add_state_placeholders
 
 pop = torch.ops.pop
-
-
-def add_expert_placeholders(gm: fx.GraphModule, st: ExpertsState, prefix: str) -> dict[str, fx.Node]:
-    """One placeholder per state tensor, after all others; static (address-stable) inputs for Inductor."""
-    g = gm.graph
-    last = [n for n in g.nodes if n.op == "placeholder"][-1]
-    nodes = {}
-    with g.inserting_after(last):
-        for name in reversed(EXPERT_STATE_NAMES):
-            ph = g.placeholder(f"{prefix}_{name}")
-            ph._dynamo_source = None  # AOT refuses an unknown source; None marks "not from user code"
-            ph.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
-            ph.meta["example_value"] = st.tensors[name]
-            ph.meta["pop_state"] = name
-            nodes[name] = ph
-    return nodes
 
 
 def _replace_region(g: fx.Graph, m: ExpertsMatch, y: fx.Node) -> None:
@@ -95,7 +79,7 @@ def rewrite_experts(gm: fx.GraphModule, experts: list[ExpertsMatch], skipped: li
             continue
         st = _experts.get_or_create(m.gate_up_param, m.param, cfg)
         st.info.update(path=m.path, activation=m.activation, pattern=f"Experts[{m.implementation}]")
-        nodes = add_expert_placeholders(gm, st, f"pop_experts{i}")
+        nodes = add_state_placeholders(gm, st, f"pop_experts{i}", EXPERT_STATE_NAMES)
         kind = "decode" if m.is_decode else "prefill"
         (rewrite_decode if m.is_decode else rewrite_prefill)(gm, m, st, nodes)
         st.graphs.add(kind)

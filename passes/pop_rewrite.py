@@ -50,13 +50,13 @@ def site_weights(m: SiteMatch):
     return s[0].weight, s[0].bias, None, None
 
 
-def add_state_placeholders(gm: fx.GraphModule, st: SiteState, prefix: str) -> dict[str, fx.Node]:
-    """One placeholder per state tensor, after Dynamo's; static (address-stable) inputs for Inductor."""
+def add_state_placeholders(gm: fx.GraphModule, st, prefix: str, names=STATE_NAMES) -> dict[str, fx.Node]:
+    """One placeholder per state tensor ``st.tensors[name]``, after all others; static inputs for Inductor."""
     g = gm.graph
     last = [n for n in g.nodes if n.op == "placeholder"][-1]
     nodes = {}
     with g.inserting_after(last):
-        for name in reversed(STATE_NAMES):
+        for name in reversed(names):
             ph = g.placeholder(f"{prefix}_{name}")
             ph._dynamo_source = None  # AOT refuses an unknown source; None marks "not from user code"
             ph.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
