@@ -27,8 +27,11 @@ Leaving the context removes every hook and patch; ``state_dict`` is never
 touched. ``masked(model, masks)`` applies fixed per-site keep-masks at every
 forward (static baselines such as Wanda-sp or a random mask).
 
-Known limit: with ``scope="sequence"`` the batch must keep its prefill size
-and order while decoding (no beam search reordering).
+With ``scope="sequence"`` the batch must keep its prefill size and order while
+decoding. Beam search satisfies this: ``generate()`` expands each prompt into its
+beams before the prefill, so a prompt's beams share its partition, and beams of
+one prompt reordered among themselves keep the same partition (tested in
+tests/pop_fx/test_reliability.py).
 """
 
 from __future__ import annotations
