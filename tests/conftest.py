@@ -24,3 +24,12 @@ SHARED_TEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_dynamo():
+    # Dynamo's recompile limit counts graphs per code object across the whole process: without a reset,
+    # the models compiled by earlier test modules push a later module's model past it, and it then runs
+    # uncompiled (see README "Guarantees and limits"). Each test module starts from a clean Dynamo.
+    torch._dynamo.reset()
+    yield

@@ -230,6 +230,7 @@ def test_bad_input(model, text, kwargs, err, needle):
 
 
 def test_compiled_backend_hook(model, text):
+    torch._dynamo.reset()  # earlier compiles of this model class must not push it past the recompile limit
     kwargs = dict(methods=["pop"], gammas=[0.1], sparsities=[0.5], n_windows=2, prompt_len=P, cont_len=T, calib_windows=0, progress=False)
     res = ev.evaluate(model, ByteTokenizer(), text, check_agreement=2, **kwargs)
     assert res.agreement_check["status"] == "ran" and res.agreement_check["max_abs_logit_diff"] < 1e-3
