@@ -70,7 +70,7 @@ def rewrite_experts(gm: fx.GraphModule, experts: list[ExpertsMatch], skipped: li
     tensors: list[torch.Tensor] = []
     for i, m in enumerate(experts):
         z = _experts.partition_sizes(m.d_ff, cfg.sparsity, cfg.candidate_ratio)
-        if z.n_keep >= m.d_ff:
+        if z.is_dense:
             _state.note(m.param, cfg, "expert", "dense: every channel kept (sparsity 0)", path=m.path, matched=True)
             continue
         if z.n_keep < 1:

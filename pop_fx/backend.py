@@ -140,7 +140,7 @@ def rewrite_graph(gm: fx.GraphModule, cfg: PopConfig) -> Rewritten:
     for i, m in enumerate(sites):
         kind = kinds[i]
         sizes = partition_sizes(m.d_ff, cfg.sparsity, cfg.candidate_ratio)
-        if sizes.n_keep >= m.d_ff:
+        if sizes.is_dense:
             _state.note(m.param, cfg, kind, "dense: every channel kept (sparsity 0)", path=m.path, matched=True)
             continue
         if sizes.n_keep < 1:
