@@ -13,14 +13,17 @@ returns a wrapper that passes the real state tensors at every call.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import inspect
+import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from . import state as _state
 from .config import PopConfig
@@ -41,22 +44,49 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return gm2
 
 
-def passes_uuid(config: PopConfig) -> str:
-    """Hash of the passes' and ops' source and the config: compiled graphs of two configs never mix."""
-    import passes.expert_rewrite
-    import passes.match_experts
-    import passes.match_ffn
-    import passes.match_vision
-    import passes.pop_rewrite
+@functools.lru_cache(maxsize=1)
+def _source_hash() -> str:
+    """Hash of every source file of ``pop_fx`` and ``passes``: the passes, the ops and the kernels they lower to."""
+    import passes
 
-    from . import ops
+    from . import kernels
 
+    files = []
+    for pkg in (passes, kernels, sys.modules[__package__]):
+        files += [f for d in pkg.__path__ for f in Path(d).glob("*.py")]
     h = hashlib.sha256()
-    for mod in (passes.match_ffn, passes.pop_rewrite, passes.match_experts, passes.expert_rewrite,
-                passes.match_vision, ops):
-        h.update(inspect.getsource(mod).encode())
+    for f in sorted(set(files)):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def passes_uuid(config: PopConfig) -> str:
+    """Hash of pop-fx's source and the config: compiled graphs of two configs or two versions never mix."""
+    h = hashlib.sha256(_source_hash().encode())
     h.update(repr(sorted(config.as_dict().items())).encode())
     return h.hexdigest()
+
+
+class CacheKeyPass(CustomGraphPass):
+    """Inductor's post-grad custom pass slot, used only for its ``uuid``: Inductor's FX-graph and AOT caches
+    key on it, so a graph compiled by one pop-fx version (or config) is never served to another — the
+    ``pop::`` ops are decomposed from Python that those caches do not otherwise hash. A pass the user
+    already configured still runs, and its uuid joins ours."""
+
+    def __init__(self, uuid: str, inner=None):
+        self._uuid = uuid
+        self.inner = inner
+
+    def __call__(self, graph: fx.Graph) -> None:
+        if self.inner is not None:
+            self.inner(graph)
+
+    def uuid(self):
+        inner = None if self.inner is None else self.inner.uuid()
+        if self.inner is not None and inner is None:
+            return None  # the user's pass opted out of caching: so do we
+        return (self._uuid, inner)
 
 
 class PopCompiler:
@@ -95,7 +125,10 @@ class PopCompiler:
             if state_tensors:
                 fake_mode = _fake_mode(example_inputs)
                 fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in state_tensors]
-            patches = list_mode_options(cfg.mode) if cfg.mode not in (None, "default") else {}
+            from torch._inductor import config as inductor_config
+
+            patches = dict(list_mode_options(cfg.mode)) if cfg.mode not in (None, "default") else {}
+            patches["post_grad_custom_post_pass"] = CacheKeyPass(self.uuid(), inductor_config.post_grad_custom_post_pass)
             fn = compile_fx(gm, example_inputs + fakes, config_patches=patches)
         if not state_tensors:
             return fn
