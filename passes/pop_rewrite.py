@@ -7,7 +7,7 @@ Prefill graph (more than one token per sequence)::
 
 Decode graph (one token per sequence), scope="batch"::
 
-    z = linear(x, state.w_in, state.b_in)     # was: up(x) [and up2(x)] over all d_ff channels
+    z = linear(x, state.w_in[, state.b_in])   # was: up(x) [and up2(x)] over all d_ff channels (b_in iff a bias)
     g, u = z[..., :n_RC], z[..., n_RC:]       # gated only (fused gate_up keeps its chunk)
     H_rc = act(g) [· u]                       # the same elementwise nodes, now n_R + n_C wide
     y = pop.decode(H_rc, state.wd_t, bd, state.wd_norm_c, n_R, n_select)   # was: down(H)
@@ -128,8 +128,10 @@ def rewrite_decode(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state: dict[
         return
     # 1. gate/up over R ∪ C only: one projection over the contiguous layout replaces the site's one or two.
     anchor = min((s.proj for s in m.sources), key=lambda n: list(g.nodes).index(n))
+    _, b_a, _, b_b = site_weights(m)
+    b_in = state["b_in"] if (b_a is not None or b_b is not None) else None  # no bias: a plain mm, not addmm(0, …)
     with g.inserting_before(anchor):
-        z = g.call_function(torch._C._nn.linear, (x, state["w_in"], state["b_in"]))
+        z = g.call_function(torch._C._nn.linear, (x, state["w_in"], b_in))
     if m.kind == "fused_gated":
         src0.proj.replace_all_uses_with(z)  # the chunk(2) that follows still splits gate | up
     elif m.kind == "gated":
