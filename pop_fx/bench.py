@@ -196,22 +196,42 @@ def bench_generate(model, tok, config, *, batch: int = 1, prompt: str | None = N
     cells = {v: Cell(v) for v in variants}
 
     def gen(m, n):
+        """(prefill s, decode tokens/s) of one generate(): a logits processor stamps every step, so the
+        decode rate is taken between the first and the last token of the same call (prefill excluded)."""
+        from transformers import LogitsProcessorList
+
+        stamps = _step_stamps()
         t0 = time.perf_counter()
-        m.generate(**enc, max_new_tokens=n, min_new_tokens=n, **kw)
-        return time.perf_counter() - t0
+        m.generate(**enc, max_new_tokens=n, min_new_tokens=n, logits_processor=LogitsProcessorList([stamps]), **kw)
+        t = stamps.t
+        return t[0] - t0, (len(t) - 1) / max(t[-1] - t[0], 1e-9) if len(t) > 1 else float("nan")
 
     with torch.no_grad():
         for v, m in built.items():  # compile every graph these lengths need
-            gen(m, 1)
+            gen(m, new_tokens)
             gen(m, new_tokens)
         for _ in range(rounds):
             for v, m in built.items():
-                t1 = gen(m, 1)
-                tn = gen(m, new_tokens)
-                cells[v].prefill_s = t1
-                cells[v].times.append((new_tokens - 1) / max(tn - t1, 1e-9))  # tokens/s
+                prefill_s, rate = gen(m, new_tokens)
+                cells[v].prefill_s = prefill_s
+                cells[v].times.append(rate)  # tokens/s
     _extra(built, cells)
     return cells
+
+
+def _step_stamps():
+    """A logits processor that records when each decode step's logits are ready."""
+    from transformers import LogitsProcessor
+
+    class StepStamps(LogitsProcessor):
+        def __init__(self):
+            self.t: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.t.append(time.perf_counter())
+            return scores
+
+    return StepStamps()
 
 
 def _extra(built, cells):
@@ -278,9 +298,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_cell(args, config, batch, dtype, variants) -> dict:
-    from .models import load_model
+    # The variants are compiled copies of one model class, and Dynamo's recompile limit counts the graphs of
+    # all of them against one code object: past it a variant would silently run uncompiled (and POP
+    # unpruned). Give each variant the default allowance, and refuse to report a run that still hit it.
+    from .api import _recompile_limit_hits
 
     torch._dynamo.reset()
+    hits = _recompile_limit_hits()
+    with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit * len(variants)):
+        out = _measure_cell(args, config, batch, dtype, variants)
+    if _recompile_limit_hits() > hits:
+        raise RuntimeError("pop-fx bench: Dynamo's recompile limit was hit, so some variant ran uncompiled; "
+                           "the timings are void (run fewer variants per process)")
+    return out
+
+
+def _measure_cell(args, config, batch, dtype, variants) -> dict:
+    from .models import load_model
+
     if args.ffn_only:
         d, f = (2048, 5632) if args.shape == "1b" else (576, 1536)
         cells = bench_ffn(d, f, args.layers, config, batch=batch, rounds=args.rounds, dtype=dtype, variants=variants)

@@ -1,9 +1,10 @@
 """The benchmark's machinery (never its timings): variants, the sliced ideal, the result structure."""
 
+import pytest
 import torch
 
 from pop_fx import PopConfig
-from pop_fx.bench import FFNStack, bench_ffn, sliced_copy
+from pop_fx.bench import FFNStack, bench_ffn, bench_generate, sliced_copy
 from pop_fx.models import tiny_model
 
 
@@ -43,3 +44,28 @@ def test_ffn_stack_is_residual():
     for layer in m.layers:
         y = y + layer(y)
     torch.testing.assert_close(m(x), y)
+
+
+def test_bench_generate_times_decode_steps_only():
+    model = tiny_model("llama")
+    cfg = PopConfig(sparsity=0.5, lowering="eager")
+    cells = bench_generate(model, None, cfg, new_tokens=4, rounds=2, variants=("dense-eager", "pop"))
+    assert set(cells) == {"dense-eager", "pop"}
+    for c in cells.values():
+        assert len(c.times) == 2 and all(t > 0 for t in c.times) and c.prefill_s > 0
+
+
+def test_run_cell_raises_the_recompile_limit_per_variant_and_refuses_a_run_that_hit_it(monkeypatch):
+    import argparse
+
+    from pop_fx import api, bench
+
+    seen = []
+    monkeypatch.setattr(bench, "_measure_cell", lambda *a: seen.append(torch._dynamo.config.recompile_limit) or {})
+    default = torch._dynamo.config.recompile_limit
+    bench._run_cell(argparse.Namespace(), PopConfig(), 1, torch.float32, ("dense-inductor", "sliced", "pop"))
+    assert seen == [3 * default] and torch._dynamo.config.recompile_limit == default
+    hits = iter([0, 1])
+    monkeypatch.setattr(api, "_recompile_limit_hits", lambda: next(hits))
+    with pytest.raises(RuntimeError, match="recompile limit was hit"):
+        bench._run_cell(argparse.Namespace(), PopConfig(), 1, torch.float32, ("pop",))
