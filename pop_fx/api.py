@@ -179,7 +179,7 @@ def report(model: torch.nn.Module, config: PopConfig | None = None) -> Report:
         for c, nt in _state.notes_of(p).items():
             if cfg is not None and c != cfg:
                 continue
-            if nt["reason"] != "pop" and not _state.states_of(p).get(c):
+            if not nt["reason"].startswith("pop") and not _state.states_of(p).get(c):
                 rep.dense.append({"path": path, "kind": nt["kind"], "reason": nt["reason"], "matched": nt["matched"]})
     # Vision towers never reach a decode graph (transformers' generate() even encodes images before the
     # compiled forward): list their FFNs from the live model, with POP_SPEC's reason.

@@ -156,8 +156,12 @@ def rewrite_graph(gm: fx.GraphModule, cfg: PopConfig) -> Rewritten:
     from passes.match_experts import find_experts, site_kinds
     from passes.match_ffn import find_sites
     from passes.match_vision import split_vision_tower
-    from passes.pop_rewrite import (add_state_placeholders, n_inputs, rewrite_decode, rewrite_prefill, site_flags,
-                                    site_weights)
+    from passes.pop_rewrite import (add_state_placeholders, n_inputs, proxy_support, rewrite_decode,
+                                    rewrite_decode_proxy, rewrite_prefill, site_flags, site_weights)
+
+    if cfg.candidate_proxy is not None and cfg.scope != "batch":
+        raise ValueError(f"PopConfig.candidate_proxy={cfg.candidate_proxy!r} with scope={cfg.scope!r}: the compiled "
+                         "proxy ops serve scope='batch' only (pop_fx.reference.pruned runs both scopes)")
 
     gm2 = copy_graph_module(gm)
     sites, skipped = find_sites(gm2)
@@ -187,15 +191,36 @@ def rewrite_graph(gm: fx.GraphModule, cfg: PopConfig) -> Rewritten:
         st.info.update(pattern=m.pattern.name, activation=m.activation, path=m.path)
         nodes = add_state_placeholders(gm2, st, f"pop_site{i}")
         graph_kind = "decode" if m.is_decode else "prefill"
-        (rewrite_decode if m.is_decode else rewrite_prefill)(gm2, m, st, nodes)
+        state_tensors.extend(st.tensors[name] for name in STATE_NAMES)
+        reason = "pop"
+        if m.is_decode and cfg.candidate_proxy is not None:
+            sup = proxy_support(m)
+            if isinstance(sup, str):  # exact candidate scoring (the paper's) for this site, reported
+                reason = f"pop ({sup}: candidates scored exactly)"
+                rewrite_decode(gm2, m, st, nodes)
+            else:
+                gate, act = sup
+                w = (w_a, w_b) if gate == 0 else (w_b, w_a)
+                tables = st.ensure_proxy(*w)
+                proxy_nodes = add_state_placeholders(gm2, _Tables(tables), f"pop_site{i}_proxy", names=("q", "s"))
+                state_tensors.extend(tables[name] for name in ("q", "s"))
+                rewrite_decode_proxy(gm2, m, st, nodes, proxy_nodes, act)
+        else:
+            (rewrite_decode if m.is_decode else rewrite_prefill)(gm2, m, st, nodes)
         st.graphs.add(graph_kind)
         counts[graph_kind] += 1
-        state_tensors.extend(st.tensors[name] for name in STATE_NAMES)
-        _state.note(m.param, cfg, kind, "pop", path=m.path, matched=True)
+        _state.note(m.param, cfg, kind, reason, path=m.path, matched=True)
     state_tensors.extend(rewrite_experts(gm2, experts, experts_skipped, cfg, counts))
     gm2.graph.lint()
     gm2.recompile()
     return Rewritten(gm2, sites, skipped, state_tensors, counts)
+
+
+@dataclass
+class _Tables:
+    """Adapter: add_state_placeholders reads ``.tensors``."""
+
+    tensors: dict
 
 
 def _real(node: fx.Node | None) -> torch.Tensor | None:

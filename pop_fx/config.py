@@ -17,6 +17,7 @@ _PREFILLS = ("pruned", "dense")
 _EMPTY_EXPERT = ("weights", "dense")
 _LOWERINGS = ("inductor", "eager")
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_PROXIES = (None, "int8", "int8-gate")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,13 @@ class PopConfig:
 
     candidate_ratio: float = 0.1
     """γ: width of the candidate band as a fraction of d_ff, 0 <= γ <= 2 (0 = static mask, 2 = full re-evaluation)."""
+
+    candidate_proxy: str | None = None
+    """None: candidates are scored exactly, from their computed activations (the paper). "int8": candidates are
+    ranked every step from a per-row int8 copy of their gate and up rows (data-free, made when the prefill lays
+    them out) and only R and the chosen ones are computed exactly; "int8-gate": from the gate rows alone
+    (CATS-like |act(g)|). Gated FFNs with a known activation only; a wide band (e.g. candidate_ratio 0.6) is
+    what it is for. Beyond the paper: see README "Proxy-scored candidates"."""
 
     scope: str = "batch"
     """"batch": one partition shared by the batch (the paper); "sequence": one partition per sequence."""
@@ -53,6 +61,7 @@ class PopConfig:
     def __post_init__(self) -> None:
         _check_real("sparsity", self.sparsity, 0.0, 1.0, "0 <= sparsity < 1", hi_open=True)
         _check_real("candidate_ratio", self.candidate_ratio, 0.0, 2.0, "0 <= candidate_ratio <= 2")
+        _check_choice("candidate_proxy", self.candidate_proxy, _PROXIES)
         _check_choice("scope", self.scope, _SCOPES)
         _check_choice("prefill", self.prefill, _PREFILLS)
         _check_choice("empty_expert", self.empty_expert, _EMPTY_EXPERT)

@@ -110,6 +110,28 @@ def expressions(kind: str = "gated") -> dict[str, sympy.Expr]:
 
 
 @functools.cache
+def proxy_expressions(kind: str = "gated", proxy: str = "int8") -> dict[str, sympy.Expr]:
+    """Weight bytes per decode step with proxy-scored candidates (``PopConfig.candidate_proxy``), main domain.
+
+    Exact gate/up and down over the n_keep active channels (``s`` bytes per element), plus the int8 proxy rows
+    of every candidate (1 byte per element; gate and up for "int8", the gate alone for "int8-gate"):
+
+        proxy_bytes = s·d·(m + 1)·n_keep + d·m_p·n_C
+
+    Keys: proxy_bytes, bytes_ratio (to dense). The per-row scales (4·m_p·n_C bytes) are O(f), not counted.
+    """
+    m = input_matrices(kind)
+    if proxy not in ("int8", "int8-gate"):
+        raise ValueError(f"proxy={proxy!r} is invalid: allowed 'int8' or 'int8-gate'")
+    mp = 1 if proxy == "int8-gate" else m
+    s = sympy.Symbol("s", positive=True)
+    z = sizes()
+    pb = s * d * (m + 1) * z["n_keep"] + d * mp * z["n_C"]
+    return {"proxy_bytes": sympy.factor(sympy.expand(pb)),
+            "bytes_ratio": sympy.simplify(pb / _costs(m, z["n_keep"], z["n_RC"], s)["dense_bytes"])}
+
+
+@functools.cache
 def overhead_derived(kind: str = "gated") -> sympy.Expr:
     """Candidate-region overhead for every r and γ, derived from ``sizes_general()`` (sympy's Piecewise)."""
     m = input_matrices(kind)

@@ -52,7 +52,7 @@ from .partition import partition_sizes, top_k
 DEFAULT_SPARSITIES = (0.2, 0.3, 0.4, 0.5, 0.6)
 DEFAULT_GAMMAS = (0.05, 0.1, 0.2, 0.4)
 DEFAULT_METHODS = ("dense", "static", "pop", "full", "wanda-sp", "random")
-METHOD_NAMES = ("dense", "static", "pop", "pop-<γ>", "full", "wanda-sp", "random")
+METHOD_NAMES = ("dense", "static", "pop", "pop-<γ>", "full", "wanda-sp", "random", "proxy-<γ>", "proxy-gate-<γ>")
 BACKENDS = ("reference", "compiled")
 
 
@@ -72,6 +72,8 @@ class Method:
     """"dense", "pop" (the reference or compiled POP) or "mask" (one fixed mask per site)"""
     gamma: float | None = None
     """POP's candidate ratio γ (0 = static, 2 = full re-evaluation)"""
+    proxy: str | None = None
+    """PopConfig.candidate_proxy (proxy-<γ>: "int8", proxy-gate-<γ>: "int8-gate"); None for the paper's POP"""
 
 
 def parse_methods(methods: Iterable[str], gammas: Sequence[float] = DEFAULT_GAMMAS) -> list[Method]:
@@ -93,6 +95,13 @@ def parse_methods(methods: Iterable[str], gammas: Sequence[float] = DEFAULT_GAMM
             except ValueError:
                 raise ValueError(f"method {raw!r} is invalid: allowed one of {list(METHOD_NAMES)}") from None
             found = [Method(f"pop-{g:g}", "pop", g)]
+        elif name.startswith("proxy-"):
+            proxy, rest = ("int8-gate", name[len("proxy-gate-"):]) if name.startswith("proxy-gate-") else ("int8", name[6:])
+            try:
+                g = float(rest)
+            except ValueError:
+                raise ValueError(f"method {raw!r} is invalid: allowed one of {list(METHOD_NAMES)}") from None
+            found = [Method(f"{name[:-len(rest)]}{g:g}", "pop", g, proxy)]
         elif name in ("wanda-sp", "random"):
             found = [Method(name, "mask")]
         else:
@@ -739,8 +748,11 @@ def evaluate(
                 if m.kind == "dense":
                     continue
                 if m.kind == "pop":
-                    cfg = PopConfig(sparsity=r, candidate_ratio=m.gamma, scope=scope, prefill=prefill)
-                    ctx, used = _pop_runner(model, cfg, backend), backend
+                    cfg = PopConfig(sparsity=r, candidate_ratio=m.gamma, scope=scope, prefill=prefill,
+                                    candidate_proxy=m.proxy)
+                    # The compiled proxy ops serve scope="batch"; batched windows (per sequence) use the reference.
+                    used = backend if m.proxy is None or scope == "batch" else "reference"
+                    ctx = _pop_runner(model, cfg, used)
                 else:
                     ctx, used = _masked_runner(model, masks_from_scores(scores[m.name], r)), "reference"
                 out, sec = run_all(ctx, f"{m.name} r={r:g}")
@@ -753,7 +765,7 @@ def evaluate(
 
     check = None
     if check_agreement:
-        check = agreement_check(model, prompts, conts, rs, gammas=[m.gamma for m in ms if m.kind == "pop"], scope=scope, prefill=prefill, n=check_agreement)
+        check = agreement_check(model, prompts, conts, rs, gammas=[m.gamma for m in ms if m.kind == "pop" and m.proxy is None], scope=scope, prefill=prefill, n=check_agreement)
     return EvalResult(rows, settings, [w.as_dict() for w in evals], [w.as_dict() for w in calib], check, text_info)
 
 

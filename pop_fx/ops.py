@@ -106,6 +106,7 @@ def _(h, attention_mask, wd, bd, w_a, b_a, w_b, b_b, wd_norm, rc_idx, wd_norm_c,
 
 from .kernels.decode_down import decode, decode_down_reference  # noqa: E402
 from .kernels.decode_seq import decode_seq, decode_seq_reference  # noqa: E402
+from .kernels.proxy import decode_sel, gather_in, proxy_select  # noqa: E402
 
-__all__ = ["FUSED", "CONV1D", "prefill", "decode", "decode_down_reference", "decode_seq", "decode_seq_reference",
+__all__ = ["FUSED", "CONV1D", "prefill", "decode", "decode_down_reference", "decode_seq", "decode_seq_reference", "proxy_select", "gather_in", "decode_sel",
            "write_partition"]

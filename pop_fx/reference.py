@@ -87,6 +87,49 @@ class SiteState:
     """decode steps since the last prefill (for introspection)"""
     last_keep: torch.Tensor | None = field(default=None, repr=False)
     """the keep-mask ([d_ff] or [B, d_ff]) of the latest forward"""
+    proxy: "_Proxy | None" = field(default=None, repr=False)
+    """candidate_proxy: the site's int8 copy and activation (None: candidates scored exactly)"""
+
+
+@dataclass
+class _Proxy:
+    q: torch.Tensor
+    s: torch.Tensor
+    act: int
+    """index into pop_fx.kernels.proxy.ACTIVATIONS"""
+
+    def activations(self, x: torch.Tensor, d_ff: int) -> torch.Tensor:
+        """H̃ of every channel for the token rows x [N, d_model] ([N, d_ff], fp32)."""
+        from .kernels.proxy import proxy_activation
+
+        idx = torch.arange(d_ff, device=x.device)
+        return proxy_activation(x, self.q.to(x.device), self.s.to(x.device), idx, d_ff, self.act,
+                                both=self.q.shape[0] == 2 * d_ff)
+
+
+def proxy_support(site: FFNSite) -> tuple[torch.Tensor, torch.Tensor, int] | str:
+    """(gate weight, up weight, activation index) of a site the candidate proxy handles, or why not."""
+    from .kernels.proxy import ACTIVATIONS, activation
+
+    if site.kind not in ("gated", "shared_expert") or len(site.inputs) != 2:
+        return f"candidate_proxy: {site.kind} site (gated FFNs with separate gate and up projections only)"
+    names = list(site.inputs)
+    gate = [n for n in names if "gate" in n]
+    if len(gate) != 1:
+        return "candidate_proxy: cannot tell the gate projection from the up projection"
+    act_fn = getattr(site.module, "act_fn", None) or getattr(site.module, "activation_fn", None)
+    if act_fn is None:
+        return "candidate_proxy: the FFN module has no act_fn"
+    probe = torch.linspace(-6, 6, 97)
+    with torch.no_grad():
+        ref = act_fn(probe)
+    for code in range(len(ACTIVATIONS)):
+        if torch.allclose(activation(code)(probe), ref, atol=1e-6, rtol=1e-5):
+            break
+    else:
+        return "candidate_proxy: activation not one of " + ", ".join(ACTIVATIONS)
+    up = names[1 - names.index(gate[0])]
+    return getattr(site.module, gate[0]).weight, getattr(site.module, up).weight, code
 
 
 def _call_info(module: nn.Module, args: tuple, kwargs: dict) -> _Call | None:
@@ -120,11 +163,25 @@ class _Pop:
         self.config = config
         self.per_sequence = config.scope == "sequence"
         self.states: dict[str, SiteState] = {}
+        self.inputs: dict[str, torch.Tensor] = {}
+        """FFN inputs of the forward in flight, for sites scored by a proxy (filled by a pre-hook)"""
+        self.unsupported: dict[str, str] = {}
+        """sites that fall back to exact candidate scoring, with the reason"""
         for s in sites:
             sizes = partition_sizes(s.d_ff, config.sparsity, config.candidate_ratio)
             if sizes.is_dense or sizes.n_keep < 1:
                 continue  # r = 0 (or a site too small to prune): stays exactly dense
-            self.states[s.path] = SiteState(s, sizes, down_column_norm(s.down_weight, s.channel_dim))
+            st = SiteState(s, sizes, down_column_norm(s.down_weight, s.channel_dim))
+            if config.candidate_proxy is not None:
+                from .kernels.proxy import proxy_tables
+
+                sup = proxy_support(s)
+                if isinstance(sup, str):
+                    self.unsupported[s.path] = sup
+                else:
+                    gate, up, act = sup
+                    st.proxy = _Proxy(*proxy_tables(gate, up, config.candidate_proxy), act)
+            self.states[s.path] = st
 
     def keep_mask(self, path: str, h: torch.Tensor, seq: torch.Tensor, valid: torch.Tensor, call: _Call):
         """Keep-mask for the rows ``h`` [N, d_ff] of sequences ``seq`` [N] (``valid`` [N]: not padding).
@@ -193,6 +250,9 @@ class _Pop:
         if st.dense is True:
             return None
         hv = torch.where(valid[:, None], h.detach(), torch.zeros((), dtype=h.dtype, device=h.device))
+        if st.proxy is not None:  # candidates ranked by the proxy activations, not the exact ones
+            x = self.inputs[st.site.path].reshape(h.shape[0], -1)
+            hv = torch.where(valid[:, None], st.proxy.activations(x.detach(), d_ff), 0.0)
         if not self.per_sequence:
             C = st.C.to(h.device)
             chosen = C[select(hv[:, C], st.wd_norm[C], n_select)]
@@ -272,6 +332,9 @@ class _Session:
                 continue
             if s.path in self.policy.states or isinstance(self.policy, _Fixed) and s.path in self.policy.masks:
                 self.handles.append(s.down.register_forward_pre_hook(self._down_hook(s)))
+                st = self.policy.states.get(s.path)
+                if st is not None and st.proxy is not None:
+                    self.handles.append(s.module.register_forward_pre_hook(self._input_hook(s), with_kwargs=True))
         for group in experts.values():
             if any(g.path in self.policy.states or isinstance(self.policy, _Fixed) and g.path in self.policy.masks for g in group):
                 self._patch_experts(group)
@@ -285,6 +348,13 @@ class _Session:
         self.handles.clear()
         self.patched.clear()
         return False
+
+    def _input_hook(self, site: FFNSite):
+        def hook(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            self.policy.inputs[site.path] = x
+
+        return hook
 
     def _down_hook(self, site: FFNSite):
         def hook(module, args):

@@ -40,6 +40,18 @@ class SiteState:
     """pattern, activation and module path, for reports"""
     weights: dict = field(default_factory=dict, repr=False)
     """the site's real weights (w_a, b_a, w_b, b_b, wd): the data-free partition is computed from them"""
+    proxy: dict = field(default_factory=dict)
+    """candidate_proxy: the int8 copy {"q": [gate; up] rows, "s": their scales}, made once from the weights"""
+
+    def ensure_proxy(self, gate: torch.Tensor, up: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The site's proxy tables (``kernels.proxy.proxy_tables``), created on first use; constant afterwards."""
+        from .kernels.proxy import proxy_tables
+
+        with _lock:
+            if not self.proxy:
+                q, s = proxy_tables(gate, up, self.config.candidate_proxy)
+                self.proxy.update(q=q, s=s)
+        return self.proxy
 
     def initialize(self) -> None:
         """Write the data-free partition (POP_SPEC's fallback: ||Wd[:, j]|| · Π ||W_in[j, :]||) into the state.
@@ -64,7 +76,7 @@ class SiteState:
 
     @property
     def extra_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return sum(t.numel() * t.element_size() for t in [*self.tensors.values(), *self.proxy.values()])
 
 
 _lock = threading.Lock()

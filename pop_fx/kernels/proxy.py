@@ -1,0 +1,113 @@
+"""Proxy-scored candidates (``PopConfig.candidate_proxy``): rank C from a cheap int8 copy, compute only R ∪ chosen.
+
+Beyond the paper. POP computes every candidate exactly and keeps the best; with a wide band that costs
+most of the dense FFN. Here each decode step
+
+    H̃_C   = act(x · G̃_Cᵀ) · (x · Ũ_Cᵀ)            ("int8": gate and up copies)   or   act(x · G̃_Cᵀ)  ("int8-gate")
+    S_t   = top_{n_select}( ||H̃_C||_rows · ||Wd[:, C]|| )          (partition.candidate_scores, as POP)
+    z     = x · W_in[R ∪ S_t]ᵀ                                       (exact gate/up, n_keep channels only)
+    y     = down over R ∪ S_t                                        (exact)
+
+G̃, Ũ are per-row symmetric int8 copies of the gate/up weights made once, from the weights alone (no data,
+no training): ``w ≈ q · s`` with ``s = max|w_row| / 127``. The active channel count is n_keep every step,
+like POP's. Three ops, one contract each, each with its torch body (the CPU path: Inductor traces it and
+fuses the row gathers into its reduction loops, so no gathered copy of a weight is materialized):
+
+* ``pop::proxy_select`` — proxy activations of C and the top-n_select positions within C;
+* ``pop::gather_in``    — exact gate/up rows of R (contiguous) and of the chosen candidates (gathered);
+* ``pop::decode_sel``   — the down projection over R ∪ chosen (a masked GEMV over the R ∪ C layout).
+
+On CUDA the same bodies are lowered by Inductor to Triton; there is no hand-written Triton kernel yet.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .candidate_topk import candidate_topk
+
+PROXIES = ("int8", "int8-gate")
+# Activations the proxy ops can apply (by position: the graph carries the index, an int).
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+
+def activation(code: int):
+    name = ACTIVATIONS[code]
+    if name == "gelu_tanh":
+        return lambda t: F.gelu(t, approximate="tanh")
+    return {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[name]
+
+
+def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric int8: ``w ≈ q.float() * s[:, None]`` ([n, d] int8, [n] fp32). All-zero rows get s = 1."""
+    wf = w.detach().float()
+    s = wf.abs().amax(dim=-1) / 127.0
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round(wf / s[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, s
+
+
+def proxy_tables(gate: Tensor, up: Tensor | None, proxy: str) -> tuple[Tensor, Tensor]:
+    """The site's proxy copy: rows [gate; up] ("int8") or [gate] ("int8-gate"), quantized per row."""
+    if proxy not in PROXIES:
+        raise ValueError(f"candidate_proxy={proxy!r} is invalid: allowed one of {list(PROXIES)}")
+    rows = [gate] if proxy == "int8-gate" or up is None else [gate, up]
+    q, s = zip(*(quantize_rows(w) for w in rows))
+    return torch.cat(q), torch.cat(s)
+
+
+def _rows_dot(x2: Tensor, q: Tensor, s: Tensor, rows: Tensor) -> Tensor:
+    """x2 [B, d] · (q[rows] · s[rows])ᵀ -> [B, |rows|] in fp32, written as a reduction so the gather fuses."""
+    return (q[rows].float()[None] * x2.float()[:, None, :]).sum(-1) * s[rows]
+
+
+def proxy_activation(x2: Tensor, q: Tensor, s: Tensor, c_idx: Tensor, d_ff: int, act: int, both: bool) -> Tensor:
+    """H̃ of the channels ``c_idx`` for the rows of x2: act(g̃)·ũ, or act(g̃) for a gate-only proxy."""
+    h = activation(act)(_rows_dot(x2, q, s, c_idx))
+    if both:
+        h = h * _rows_dot(x2, q, s, c_idx + d_ff)
+    return h
+
+
+@torch.library.triton_op("pop::proxy_select", mutates_args=())
+def proxy_select(x: Tensor, q: Tensor, s: Tensor, rc_idx: Tensor, wd_norm_c: Tensor, n_R: int, n_select: int,
+                 d_ff: int, act: int) -> Tensor:
+    """Positions within C ([n_select], int64) of the candidates this step computes, ranked by the proxy."""
+    x2 = x.reshape(-1, x.shape[-1])
+    h_c = proxy_activation(x2, q, s, rc_idx[0, n_R:], d_ff, act, both=q.shape[0] == 2 * d_ff)
+    return candidate_topk(h_c, wd_norm_c, n_select)
+
+
+@torch.library.triton_op("pop::gather_in", mutates_args=())
+def gather_in(x: Tensor, w_in: Tensor, b_in: Tensor | None, sel: Tensor, n_R: int, n_rc: int, n_in: int) -> Tensor:
+    """Exact gate/up over R ∪ chosen: [..., n_in·n_keep], each input's R then chosen (the activation's layout)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    parts = []
+    for i in range(n_in):
+        base = i * n_rc
+        parts.append(x2 @ w_in[base: base + n_R].t())  # R: contiguous rows, one GEMV
+        rows = base + n_R + sel
+        z = (w_in[rows][None] * x2[:, None, :]).sum(-1)  # chosen: gathered rows, fused into the reduction
+        parts.append(z.to(x2.dtype))
+    z = torch.cat(parts, dim=-1)
+    if b_in is not None:
+        idx = torch.cat([torch.cat([torch.arange(n_R, device=sel.device) + i * n_rc, i * n_rc + n_R + sel])
+                         for i in range(n_in)])
+        z = z + b_in[idx]
+    return z.reshape(*x.shape[:-1], z.shape[-1])
+
+
+@torch.library.triton_op("pop::decode_sel", mutates_args=())
+def decode_sel(h: Tensor, wd_t: Tensor, bd: Tensor | None, sel: Tensor, n_R: int) -> Tensor:
+    """Down projection of h ([..., n_R + n_select]: R then the chosen) through the R ∪ C layout ``wd_t``."""
+    h2 = h.reshape(-1, h.shape[-1])
+    n_C = wd_t.shape[0] - n_R
+    # The chosen candidates' activations scattered into C's positions (zeros elsewhere), then ONE GEMV over
+    # R ∪ C rows: on a CPU that streams contiguous rows, where a row gather would copy them first.
+    h_c = torch.zeros(h2.shape[0], n_C, dtype=h2.dtype, device=h2.device).index_copy(1, sel, h2[:, n_R:])
+    y = torch.cat([h2[:, :n_R], h_c], dim=-1) @ wd_t
+    if bd is not None:
+        y = y + bd
+    return y.reshape(*h.shape[:-1], wd_t.shape[1])
