@@ -131,6 +131,17 @@ def proxy_expressions(kind: str = "gated", proxy: str = "int8") -> dict[str, sym
             "bytes_ratio": sympy.simplify(pb / _costs(m, z["n_keep"], z["n_RC"], s)["dense_bytes"])}
 
 
+def proxy_site_bytes(kind: str, d_model: int, d_ff: int, sparsity: float, candidate_ratio: float,
+                     proxy: str = "int8", bytes_per_element: int = 4) -> int:
+    """``proxy_bytes`` with the rounded sizes the backend uses (exact n_keep channels + int8 rows of C)."""
+    expr = proxy_expressions(kind, proxy)["proxy_bytes"]
+    sz = partition_sizes(d_ff, sparsity, candidate_ratio)
+    # the rounded sizes stand for the unrounded ones: n_keep = (1-r)·f and n_C = γ·f
+    vals = {d: d_model, f: d_ff, r: 1 - sympy.Rational(sz.n_keep, d_ff), gamma: sympy.Rational(sz.n_C, d_ff),
+            sympy.Symbol("s", positive=True): bytes_per_element}
+    return int(expr.subs(vals))
+
+
 @functools.cache
 def overhead_derived(kind: str = "gated") -> sympy.Expr:
     """Candidate-region overhead for every r and γ, derived from ``sizes_general()`` (sympy's Piecewise)."""

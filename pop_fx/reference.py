@@ -99,12 +99,14 @@ class _Proxy:
     """index into pop_fx.kernels.proxy.ACTIVATIONS"""
 
     def activations(self, x: torch.Tensor, d_ff: int) -> torch.Tensor:
-        """H̃ of every channel for the token rows x [N, d_model] ([N, d_ff], fp32)."""
-        from .kernels.proxy import proxy_activation
+        """H̃ of every channel for the token rows x [N, d_model] ([N, d_ff], fp32): the dequantized copy's math
+        as one matmul (the compiled ops compute the same products as a fused reduction)."""
+        from .kernels.proxy import activation
 
-        idx = torch.arange(d_ff, device=x.device)
-        return proxy_activation(x, self.q.to(x.device), self.s.to(x.device), idx, d_ff, self.act,
-                                both=self.q.shape[0] == 2 * d_ff)
+        w = (self.q.float() * self.s[:, None]).to(x.device)
+        z = x.float() @ w.t()
+        h = activation(self.act)(z[:, :d_ff])
+        return h * z[:, d_ff:] if self.q.shape[0] == 2 * d_ff else h
 
 
 def proxy_support(site: FFNSite) -> tuple[torch.Tensor, torch.Tensor, int] | str:

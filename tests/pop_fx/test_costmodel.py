@@ -112,3 +112,27 @@ def test_proxy_bytes_expression():
     half = {s: 4, cm.r: sympy.Rational(1, 2)}
     assert cm.proxy_expressions()["bytes_ratio"].subs({**half, cm.gamma: 1}) == sympy.Rational(2, 3)
     assert cm.expressions()["bytes_ratio"].subs({**half, cm.gamma: sympy.Rational(1, 5)}) == sympy.Rational(17, 30)
+
+
+def test_proxy_site_bytes_uses_rounded_sizes():
+    from pop_fx.costmodel import proxy_site_bytes, site_cost
+
+    dense = site_cost("gated", 576, 1536, 0.5, 1.0).dense_bytes["fp32"]
+    assert proxy_site_bytes("gated", 576, 1536, 0.5, 1.0) * 3 == dense * 2  # 3·768·576·4 + 2·1536·576 = 2/3 dense
+    # d_ff 1000, r 0.33, γ 0.5: n_keep = 670, n_C = 500
+    assert proxy_site_bytes("gated", 8, 1000, 0.33, 0.5, "int8-gate") == 3 * 670 * 8 * 4 + 500 * 8
+
+
+def test_frontier_script_table(tmp_path, capsys):
+    import json
+
+    from examples.proxy_frontier import main
+
+    res = {"results": [{"method": "dense", "gamma": None, "sparsity": 0.0, "perplexity": 10.0},
+                       {"method": "pop-0.2", "gamma": 0.2, "sparsity": 0.5, "perplexity": 20.0},
+                       {"method": "proxy-1", "gamma": 1.0, "sparsity": 0.5, "perplexity": 11.0}]}
+    (tmp_path / "e.json").write_text(json.dumps(res))
+    assert main([str(tmp_path / "e.json"), "--out", str(tmp_path / "f.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| pop-0.2 | 0.566 | 20.00 | 2.000 | no |" in out and "| proxy-1 | 0.667 | 11.00 | 1.100 | no |" in out
+    assert (tmp_path / "f.png").stat().st_size > 0
