@@ -17,7 +17,9 @@ fuses the row gathers into its reduction loops, so no gathered copy of a weight 
 * ``pop::gather_in``    — exact gate/up rows of R (contiguous) and of the chosen candidates (gathered);
 * ``pop::decode_sel``   — the down projection over R ∪ chosen (a masked GEMV over the R ∪ C layout).
 
-On CUDA the same bodies are lowered by Inductor to Triton; there is no hand-written Triton kernel yet.
+On CUDA the row products run in ``_rows_gemv_kernel`` (Triton): one program per BLOCK_R gathered rows
+of one batch row streams those rows of the int8 copy (with their scales) or of the fp layout, so no
+gathered copy is materialized; the down projection reuses ``decode_down``'s kernel.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .candidate_topk import candidate_topk
+
+try:  # triton is a Linux-only dependency; the CPU path never needs it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
 
 PROXIES = ("int8", "int8-gate")
 # Activations the proxy ops can apply (by position: the graph carries the index, an int).
@@ -71,12 +79,73 @@ def proxy_activation(x2: Tensor, q: Tensor, s: Tensor, c_idx: Tensor, d_ff: int,
     return h
 
 
+if triton is not None:
+
+    @triton.jit
+    def _rows_gemv_kernel(x_ptr, w_ptr, s_ptr, rows_ptr, y_ptr, n_rows, K, stride_xb, stride_w, stride_yb,
+                          HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        # y[b, i] = Σ_k x[b, k] · w[rows[i], k] (· s[rows[i]]): BLOCK_R gathered rows of one batch row.
+        b = tl.program_id(0)
+        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = r < n_rows
+        rows = tl.load(rows_ptr + r, mask=rmask, other=0)
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < K
+            x = tl.load(x_ptr + b * stride_xb + ks, mask=kmask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None] * stride_w + ks[None, :], mask=rmask[:, None] & kmask[None, :],
+                        other=0).to(tl.float32)
+            acc += tl.sum(w * x[None, :], axis=1)
+        if HAS_SCALE:
+            acc = acc * tl.load(s_ptr + rows, mask=rmask, other=0.0)
+        tl.store(y_ptr + b * stride_yb + r, acc.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
+def rows_gemv_triton(x2: Tensor, w: Tensor, rows: Tensor, s: Tensor | None = None, out_dtype=None,
+                     launch=None) -> Tensor:
+    """x2 [B, K] · w[rows]ᵀ (· s[rows]) -> [B, |rows|] with ``_rows_gemv_kernel``; ``launch`` wraps it."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    x2, w, rows = x2.contiguous(), w.contiguous(), rows.contiguous()
+    B, K = x2.shape
+    y = torch.empty(B, rows.numel(), dtype=out_dtype or x2.dtype, device=x2.device)
+    # BLOCK_R 32 rows × BLOCK_K 128: a [32, 128] fp32 tile, 16 KB of registers per program; 128 contiguous
+    # elements of one row per load (512 B fp32, 128 B int8).
+    BLOCK_R, BLOCK_K = 32, 128
+    kernel = launch(_rows_gemv_kernel) if launch is not None else _rows_gemv_kernel
+    grid = (B, triton.cdiv(rows.numel(), BLOCK_R))
+    kernel[grid](x2, w, s if s is not None else w, rows, y, rows.numel(), K, x2.stride(0), w.stride(0), y.stride(0),
+                 HAS_SCALE=s is not None, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K)
+    return y
+
+
+def _on_cuda(t: Tensor) -> bool:
+    return t.device.type == "cuda" and triton is not None
+
+
+def _in_rows(sel: Tensor, n_R: int, n_rc: int, n_in: int) -> Tensor:
+    """Layout rows of R then the chosen candidates, for each of the n_in input blocks."""
+    keep = torch.cat([torch.arange(n_R, device=sel.device), n_R + sel])
+    return torch.cat([keep + i * n_rc for i in range(n_in)])
+
+
 @torch.library.triton_op("pop::proxy_select", mutates_args=())
 def proxy_select(x: Tensor, q: Tensor, s: Tensor, rc_idx: Tensor, wd_norm_c: Tensor, n_R: int, n_select: int,
                  d_ff: int, act: int) -> Tensor:
     """Positions within C ([n_select], int64) of the candidates this step computes, ranked by the proxy."""
     x2 = x.reshape(-1, x.shape[-1])
-    h_c = proxy_activation(x2, q, s, rc_idx[0, n_R:], d_ff, act, both=q.shape[0] == 2 * d_ff)
+    both = q.shape[0] == 2 * d_ff
+    c_idx = rc_idx[0, n_R:]
+    if not _on_cuda(x):
+        h_c = proxy_activation(x2, q, s, c_idx, d_ff, act, both=both)
+    else:
+        rows = torch.cat([c_idx, c_idx + d_ff]) if both else c_idx
+        z = rows_gemv_triton(x2, q, rows, s, torch.float32, launch=torch.library.wrap_triton)
+        n_C = c_idx.numel()
+        h_c = activation(act)(z[:, :n_C])
+        if both:
+            h_c = h_c * z[:, n_C:]
     return candidate_topk(h_c, wd_norm_c, n_select)
 
 
@@ -84,6 +153,12 @@ def proxy_select(x: Tensor, q: Tensor, s: Tensor, rc_idx: Tensor, wd_norm_c: Ten
 def gather_in(x: Tensor, w_in: Tensor, b_in: Tensor | None, sel: Tensor, n_R: int, n_rc: int, n_in: int) -> Tensor:
     """Exact gate/up over R ∪ chosen: [..., n_in·n_keep], each input's R then chosen (the activation's layout)."""
     x2 = x.reshape(-1, x.shape[-1])
+    if _on_cuda(x):
+        rows = _in_rows(sel, n_R, n_rc, n_in)
+        z = rows_gemv_triton(x2, w_in, rows, launch=torch.library.wrap_triton)
+        if b_in is not None:
+            z = z + b_in[rows]
+        return z.reshape(*x.shape[:-1], z.shape[-1])
     parts = []
     for i in range(n_in):
         base = i * n_rc
@@ -93,9 +168,7 @@ def gather_in(x: Tensor, w_in: Tensor, b_in: Tensor | None, sel: Tensor, n_R: in
         parts.append(z.to(x2.dtype))
     z = torch.cat(parts, dim=-1)
     if b_in is not None:
-        idx = torch.cat([torch.cat([torch.arange(n_R, device=sel.device) + i * n_rc, i * n_rc + n_R + sel])
-                         for i in range(n_in)])
-        z = z + b_in[idx]
+        z = z + b_in[_in_rows(sel, n_R, n_rc, n_in)]
     return z.reshape(*x.shape[:-1], z.shape[-1])
 
 
@@ -104,6 +177,15 @@ def decode_sel(h: Tensor, wd_t: Tensor, bd: Tensor | None, sel: Tensor, n_R: int
     """Down projection of h ([..., n_R + n_select]: R then the chosen) through the R ∪ C layout ``wd_t``."""
     h2 = h.reshape(-1, h.shape[-1])
     n_C = wd_t.shape[0] - n_R
+    if _on_cuda(h):  # decode_down's kernel reads h at R and at the chosen layout rows only
+        from .decode_down import decode_down_triton
+
+        h_rc = torch.zeros(h2.shape[0], n_R + n_C, dtype=h2.dtype, device=h2.device).index_copy(
+            1, _in_rows(sel, n_R, n_R + n_C, 1), h2)
+        y = decode_down_triton(h_rc, wd_t, sel, n_R, launch=torch.library.wrap_triton)
+        if bd is not None:
+            y = y + bd
+        return y.reshape(*h.shape[:-1], wd_t.shape[1])
     # The chosen candidates' activations scattered into C's positions (zeros elsewhere), then ONE GEMV over
     # R ∪ C rows: on a CPU that streams contiguous rows, where a row gather would copy them first.
     h_c = torch.zeros(h2.shape[0], n_C, dtype=h2.dtype, device=h2.device).index_copy(1, sel, h2[:, n_R:])

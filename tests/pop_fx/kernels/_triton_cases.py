@@ -9,6 +9,7 @@ from pop_fx import partition as P
 from pop_fx.kernels.decode_down import decode_down_triton
 from pop_fx.kernels.decode_seq import decode_seq_triton, keep_indices
 from pop_fx.kernels.layout import CONV1D
+from pop_fx.kernels.proxy import quantize_rows, rows_gemv_triton
 
 out = []
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -34,5 +35,19 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         cols = wd.double() if conv1d else wd.double().t()
         ref = torch.stack([h.double()[b, keep[b]] @ cols[keep[b]] for b in range(B)])
         out.append(dict(kernel="decode_seq", dtype=str(dtype), shape=[B, f, N, n_R, k, conv1d],
+                        err=(got - ref).abs().max().item(), scale=ref.abs().max().item()))
+    for B, n, K, k in [(1, 70, 37, 13), (3, 50, 130, 50), (2, 9, 200, 1)]:
+        g = torch.Generator().manual_seed(n * 10 + K)
+        x = torch.randn(B, K, generator=g).to(dtype)
+        w = torch.randn(n, K, generator=g).to(dtype)
+        rows = torch.randperm(n, generator=g)[:k]
+        got = rows_gemv_triton(x, w, rows).double()  # the exact gathered gate/up rows
+        ref = x.double() @ w.double()[rows].t()
+        out.append(dict(kernel="rows_gemv", dtype=str(dtype), shape=[B, n, K, k],
+                        err=(got - ref).abs().max().item(), scale=ref.abs().max().item()))
+        q, s = quantize_rows(w)
+        got = rows_gemv_triton(x, q, rows, s, torch.float32).double()  # the int8 proxy rows
+        ref = x.double() @ (q.double() * s.double()[:, None])[rows].t()
+        out.append(dict(kernel="rows_gemv_int8", dtype=str(dtype), shape=[B, n, K, k],
                         err=(got - ref).abs().max().item(), scale=ref.abs().max().item()))
 json.dump(out, sys.stdout)

@@ -25,7 +25,7 @@ def cases():
 
 def test_every_kernel_and_dtype_ran(cases):
     assert {(c["kernel"], c["dtype"]) for c in cases} == {
-        (k, d) for k in ("decode_down", "decode_seq") for d in TOL}
+        (k, d) for k in ("decode_down", "decode_seq", "rows_gemv", "rows_gemv_int8") for d in TOL}
 
 
 def test_kernels_match_reference(cases):
@@ -44,3 +44,30 @@ def test_decode_op_on_cuda_matches_reference():
     wn = torch.rand(154, device="cuda") + 0.1
     torch.testing.assert_close(decode(h, wd_t, None, wn, 691, 77), decode_down_reference(h, wd_t, None, wn, 691, 77),
                                atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")
+def test_proxy_ops_on_cuda_match_their_cpu_bodies():
+    import torch
+
+    from pop_fx.kernels.proxy import decode_sel, gather_in, proxy_select, quantize_rows
+
+    g = torch.Generator().manual_seed(0)
+    d, d_ff, n_R, n_C, k = 64, 96, 10, 60, 20
+    x = torch.randn(2, 1, d, generator=g)
+    gate, up = torch.randn(d_ff, d, generator=g), torch.randn(d_ff, d, generator=g)
+    q, s = (torch.cat(t) for t in zip(quantize_rows(gate), quantize_rows(up)))
+    rc_idx = torch.randperm(d_ff, generator=g)[: n_R + n_C][None]
+    wn = torch.rand(1, n_C, generator=g) + 0.1
+    w_in, wd_t = torch.randn(2 * (n_R + n_C), d, generator=g), torch.randn(n_R + n_C, d, generator=g)
+    cpu = [x, q, s, rc_idx, wn, w_in, wd_t]
+    cuda = [t.cuda() for t in cpu]
+    for (x_, q_, s_, rc_, wn_, w_, wd_), dev in ((cpu, "cpu"), (cuda, "cuda")):
+        sel = proxy_select(x_, q_, s_, rc_, wn_, n_R, k, d_ff, 0)
+        z = gather_in(x_, w_, None, sel, n_R, n_R + n_C, 2)
+        y = decode_sel(torch.nn.functional.silu(z[..., : n_R + k]) * z[..., n_R + k:], wd_, None, sel, n_R)
+        if dev == "cpu":
+            want = (sel.sort().values, y)
+        else:
+            assert torch.equal(sel.sort().values.cpu(), want[0])
+            torch.testing.assert_close(y.cpu(), want[1], atol=1e-3, rtol=1e-3)
