@@ -24,7 +24,9 @@ def method_bytes(name: str, gamma: float | None, r: float, d_model: int, d_ff: i
     if name == "dense":
         return 1.0
     if name.startswith("proxy-"):
-        proxy = "int8-gate" if name.startswith("proxy-gate-") else "int8"
+        from pop_fx.evaluation import PROXY_METHODS
+
+        proxy = next(x for p, x in PROXY_METHODS if name.startswith(p))
         return proxy_site_bytes("gated", d_model, d_ff, r, gamma, proxy) / dense
     g = gamma if gamma is not None and not (isinstance(gamma, float) and math.isnan(gamma)) else 0.0
     return site_cost("gated", d_model, d_ff, r, g).pop_bytes["fp32"] / dense  # static masks: γ = 0

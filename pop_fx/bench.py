@@ -125,12 +125,12 @@ class Cell:
         return statistics.median(self.times) if self.times else float("nan")
 
 
-def proxy_config(config, gamma: float = 1.0):
-    """The ``pop-proxy`` variant's config: int8-proxy candidates over a band of width ``gamma``."""
-    return config.replace(candidate_proxy="int8", candidate_ratio=gamma)
+def proxy_config(config, gamma: float = 1.0, proxy: str = "int8"):
+    """The ``pop-proxy`` variant's config: proxy-scored candidates over a band of width ``gamma``."""
+    return config.replace(candidate_proxy=proxy, candidate_ratio=gamma)
 
 
-def _build_variants(model, config, variants, n_keep_of, proxy_gamma: float = 1.0):
+def _build_variants(model, config, variants, n_keep_of, proxy_gamma: float = 1.0, proxy: str = "int8"):
     import pop_fx
 
     built = {}
@@ -151,20 +151,21 @@ def _build_variants(model, config, variants, n_keep_of, proxy_gamma: float = 1.0
         elif v == "pop-full":
             built[v] = pop_fx.compile(_shallow(model), config.replace(candidate_ratio=2.0))
         elif v == "pop-proxy":
-            built[v] = pop_fx.compile(_shallow(model), proxy_config(config, proxy_gamma))
+            built[v] = pop_fx.compile(_shallow(model), proxy_config(config, proxy_gamma, proxy))
         else:
             raise ValueError(f"variant={v!r} is invalid: allowed one of {list(VARIANTS)}")
     return built
 
 
 def bench_ffn(d: int, f: int, k: int, config, *, batch: int = 1, prompt: int = 16, steps: int = 20,
-              rounds: int = 5, dtype=torch.float32, variants=DEFAULT_VARIANTS, proxy_gamma: float = 1.0) -> dict[str, Cell]:
+              rounds: int = 5, dtype=torch.float32, variants=DEFAULT_VARIANTS, proxy_gamma: float = 1.0,
+              proxy: str = "int8") -> dict[str, Cell]:
     """Per-layer decode-step time of a K-layer FFN stack (ms), each variant compiled once."""
     from .partition import partition_sizes
 
     model = FFNStack(d, f, k, dtype).eval()
     n_keep_of = lambda ff: partition_sizes(ff, config.sparsity, config.candidate_ratio).n_keep  # noqa: E731
-    built = _build_variants(model, config, variants, n_keep_of, proxy_gamma)
+    built = _build_variants(model, config, variants, n_keep_of, proxy_gamma, proxy)
     x_pre = torch.randn(batch, prompt, d, dtype=dtype)
     x_dec = torch.randn(batch, 1, d, dtype=dtype)
     cells = {v: Cell(v) for v in variants}
@@ -188,12 +189,13 @@ def bench_ffn(d: int, f: int, k: int, config, *, batch: int = 1, prompt: int = 1
 
 
 def bench_generate(model, tok, config, *, batch: int = 1, prompt: str | None = None, new_tokens: int = 32,
-                   rounds: int = 3, variants=DEFAULT_VARIANTS, proxy_gamma: float = 1.0) -> dict[str, Cell]:
+                   rounds: int = 3, variants=DEFAULT_VARIANTS, proxy_gamma: float = 1.0,
+              proxy: str = "int8") -> dict[str, Cell]:
     """End-to-end greedy decode tokens/s (prefill excluded) of each variant."""
     from .partition import partition_sizes
 
     n_keep_of = lambda ff: partition_sizes(ff, config.sparsity, config.candidate_ratio).n_keep  # noqa: E731
-    built = _build_variants(model, config, variants, n_keep_of, proxy_gamma)
+    built = _build_variants(model, config, variants, n_keep_of, proxy_gamma, proxy)
     if tok is None:  # synthetic model: a fixed random prompt of 24 tokens
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(3, model.config.vocab_size, (batch, 24), generator=g)
@@ -279,6 +281,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--proxy-gamma", type=float, default=1.0, help="candidate_ratio of the pop-proxy variant (default %(default)s)")
+    parser.add_argument("--proxy", default="int8", choices=["int8", "int3", "int8-gate"],
+                        help="candidate_proxy of the pop-proxy variant (default %(default)s)")
     parser.add_argument("--full", action="store_true",
                         help="every cell: r in {0.3, 0.5} x batch {1, 8} x {float32, bfloat16} (scope='sequence' "
                              "at batch 8 on smollm2); --model synthetic-1b for the 1B-shaped model")
@@ -330,7 +334,7 @@ def _measure_cell(args, config, batch, dtype, variants) -> dict:
     if args.ffn_only:
         d, f = (2048, 5632) if args.shape == "1b" else (576, 1536)
         cells = bench_ffn(d, f, args.layers, config, batch=batch, rounds=args.rounds, dtype=dtype, variants=variants,
-                          proxy_gamma=args.proxy_gamma)
+                          proxy_gamma=args.proxy_gamma, proxy=args.proxy)
         unit, higher_better, what = "ms/layer", False, f"one FFN layer d={d} d_ff={f} (stack of {args.layers})"
     else:
         if args.model == "synthetic-1b":
@@ -338,7 +342,7 @@ def _measure_cell(args, config, batch, dtype, variants) -> dict:
         else:
             model, tok = load_model(args.model, dtype)
         cells = bench_generate(model, tok, config, batch=batch, new_tokens=args.new_tokens, rounds=args.rounds,
-                               variants=variants, proxy_gamma=args.proxy_gamma)
+                               variants=variants, proxy_gamma=args.proxy_gamma, proxy=args.proxy)
         unit, higher_better, what = "tokens/s", True, f"{args.model} generate() decode"
     base = cells.get("dense-inductor")
     ideal = cells.get("sliced")

@@ -17,7 +17,7 @@ _PREFILLS = ("pruned", "dense")
 _EMPTY_EXPERT = ("weights", "dense")
 _LOWERINGS = ("inductor", "eager")
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-_PROXIES = (None, "int8", "int8-gate")
+_PROXIES = (None, "int8", "int8-gate", "int3")
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,9 @@ class PopConfig:
 
     candidate_proxy: str | None = None
     """None: candidates are scored exactly, from their computed activations (the paper). "int8": candidates are
-    ranked every step from a per-row int8 copy of their gate and up rows (data-free, made when the prefill lays
-    them out) and only R and the chosen ones are computed exactly; "int8-gate": from the gate rows alone
-    (CATS-like |act(g)|). Gated FFNs with a known activation only; a wide band (e.g. candidate_ratio 0.6) is
+    ranked every step from a per-row int8 copy of their gate and up rows (data-free, made once from the
+    weights) and only R and the chosen ones are computed exactly; "int3": from a per-row 3-bit copy (bit-plane
+    packed, 3 bits per weight); "int8-gate": from the gate rows alone (CATS-like |act(g)|). Gated FFNs with a known activation only; a wide band (e.g. candidate_ratio 0.6) is
     what it is for. Beyond the paper: see README "Proxy-scored candidates"."""
 
     scope: str = "batch"

@@ -113,33 +113,36 @@ def expressions(kind: str = "gated") -> dict[str, sympy.Expr]:
 def proxy_expressions(kind: str = "gated", proxy: str = "int8") -> dict[str, sympy.Expr]:
     """Weight bytes per decode step with proxy-scored candidates (``PopConfig.candidate_proxy``), main domain.
 
-    Exact gate/up and down over the n_keep active channels (``s`` bytes per element), plus the int8 proxy rows
-    of every candidate (1 byte per element; gate and up for "int8", the gate alone for "int8-gate"):
+    Exact gate/up and down over the n_keep active channels (``s`` bytes per element), plus the proxy rows of
+    every candidate (q bits per element: 8 for "int8"/"int8-gate", 3 for "int3"; gate and up, or the gate
+    alone for "int8-gate"):
 
-        proxy_bytes = s·d·(m + 1)·n_keep + d·m_p·n_C
+        proxy_bytes = s·d·(m + 1)·n_keep + (q/8)·d·m_p·n_C
 
     Keys: proxy_bytes, bytes_ratio (to dense). The per-row scales (4·m_p·n_C bytes) are O(f), not counted.
     """
+    from .kernels.proxy import BITS
+
     m = input_matrices(kind)
-    if proxy not in ("int8", "int8-gate"):
-        raise ValueError(f"proxy={proxy!r} is invalid: allowed 'int8' or 'int8-gate'")
+    if proxy not in BITS:
+        raise ValueError(f"proxy={proxy!r} is invalid: allowed one of {list(BITS)}")
     mp = 1 if proxy == "int8-gate" else m
     s = sympy.Symbol("s", positive=True)
     z = sizes()
-    pb = s * d * (m + 1) * z["n_keep"] + d * mp * z["n_C"]
+    pb = s * d * (m + 1) * z["n_keep"] + sympy.Rational(BITS[proxy], 8) * d * mp * z["n_C"]
     return {"proxy_bytes": sympy.factor(sympy.expand(pb)),
             "bytes_ratio": sympy.simplify(pb / _costs(m, z["n_keep"], z["n_RC"], s)["dense_bytes"])}
 
 
 def proxy_site_bytes(kind: str, d_model: int, d_ff: int, sparsity: float, candidate_ratio: float,
                      proxy: str = "int8", bytes_per_element: int = 4) -> int:
-    """``proxy_bytes`` with the rounded sizes the backend uses (exact n_keep channels + int8 rows of C)."""
+    """``proxy_bytes`` with the rounded sizes the backend uses (exact n_keep channels + proxy rows of C)."""
     expr = proxy_expressions(kind, proxy)["proxy_bytes"]
     sz = partition_sizes(d_ff, sparsity, candidate_ratio)
     # the rounded sizes stand for the unrounded ones: n_keep = (1-r)·f and n_C = γ·f
     vals = {d: d_model, f: d_ff, r: 1 - sympy.Rational(sz.n_keep, d_ff), gamma: sympy.Rational(sz.n_C, d_ff),
             sympy.Symbol("s", positive=True): bytes_per_element}
-    return int(expr.subs(vals))
+    return int(sympy.ceiling(expr.subs(vals)))
 
 
 @functools.cache

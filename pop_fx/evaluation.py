@@ -52,7 +52,10 @@ from .partition import partition_sizes, top_k
 DEFAULT_SPARSITIES = (0.2, 0.3, 0.4, 0.5, 0.6)
 DEFAULT_GAMMAS = (0.05, 0.1, 0.2, 0.4)
 DEFAULT_METHODS = ("dense", "static", "pop", "full", "wanda-sp", "random")
-METHOD_NAMES = ("dense", "static", "pop", "pop-<γ>", "full", "wanda-sp", "random", "proxy-<γ>", "proxy-gate-<γ>")
+METHOD_NAMES = ("dense", "static", "pop", "pop-<γ>", "full", "wanda-sp", "random", "proxy-<γ>", "proxy-int3-<γ>",
+                "proxy-gate-<γ>")
+# method prefix -> PopConfig.candidate_proxy (longest prefixes first)
+PROXY_METHODS = (("proxy-gate-", "int8-gate"), ("proxy-int3-", "int3"), ("proxy-", "int8"))
 BACKENDS = ("reference", "compiled")
 
 
@@ -73,7 +76,8 @@ class Method:
     gamma: float | None = None
     """POP's candidate ratio γ (0 = static, 2 = full re-evaluation)"""
     proxy: str | None = None
-    """PopConfig.candidate_proxy (proxy-<γ>: "int8", proxy-gate-<γ>: "int8-gate"); None for the paper's POP"""
+    """PopConfig.candidate_proxy (proxy-<γ>: "int8", proxy-int3-<γ>: "int3", proxy-gate-<γ>: "int8-gate"); None for
+    the paper's POP"""
 
 
 def parse_methods(methods: Iterable[str], gammas: Sequence[float] = DEFAULT_GAMMAS) -> list[Method]:
@@ -96,12 +100,12 @@ def parse_methods(methods: Iterable[str], gammas: Sequence[float] = DEFAULT_GAMM
                 raise ValueError(f"method {raw!r} is invalid: allowed one of {list(METHOD_NAMES)}") from None
             found = [Method(f"pop-{g:g}", "pop", g)]
         elif name.startswith("proxy-"):
-            proxy, rest = ("int8-gate", name[len("proxy-gate-"):]) if name.startswith("proxy-gate-") else ("int8", name[6:])
+            prefix, proxy = next((p, x) for p, x in PROXY_METHODS if name.startswith(p))
             try:
-                g = float(rest)
+                g = float(name[len(prefix):])
             except ValueError:
                 raise ValueError(f"method {raw!r} is invalid: allowed one of {list(METHOD_NAMES)}") from None
-            found = [Method(f"{name[:-len(rest)]}{g:g}", "pop", g, proxy)]
+            found = [Method(f"{prefix}{g:g}", "pop", g, proxy)]
         elif name in ("wanda-sp", "random"):
             found = [Method(name, "mask")]
         else:

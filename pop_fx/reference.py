@@ -101,9 +101,9 @@ class _Proxy:
     def activations(self, x: torch.Tensor, d_ff: int) -> torch.Tensor:
         """H̃ of every channel for the token rows x [N, d_model] ([N, d_ff], fp32): the dequantized copy's math
         as one matmul (the compiled ops compute the same products as a fused reduction)."""
-        from .kernels.proxy import activation
+        from .kernels.proxy import activation, dequantize
 
-        w = (self.q.float() * self.s[:, None]).to(x.device)
+        w = dequantize(self.q, self.s, x.shape[-1]).to(x.device)
         z = x.float() @ w.t()
         h = activation(self.act)(z[:, :d_ff])
         return h * z[:, d_ff:] if self.q.shape[0] == 2 * d_ff else h

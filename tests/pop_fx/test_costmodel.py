@@ -108,6 +108,7 @@ def test_proxy_bytes_expression():
     s = sympy.Symbol("s", positive=True)
     assert sympy.simplify(cm.proxy_expressions("gated", "int8")["bytes_ratio"] - (1 - cm.r + 2 * cm.gamma / (3 * s))) == 0
     assert sympy.simplify(cm.proxy_expressions("gated", "int8-gate")["bytes_ratio"] - (1 - cm.r + cm.gamma / (3 * s))) == 0
+    assert sympy.simplify(cm.proxy_expressions("gated", "int3")["bytes_ratio"] - (1 - cm.r + cm.gamma / (4 * s))) == 0
     # fp32, r = 0.5: the int8 proxy over a band γ = 1 reads 2/3 of dense; POP γ = 0.2 reads 17/30.
     half = {s: 4, cm.r: sympy.Rational(1, 2)}
     assert cm.proxy_expressions()["bytes_ratio"].subs({**half, cm.gamma: 1}) == sympy.Rational(2, 3)

@@ -10,13 +10,20 @@ from pop_fx import PopConfig, reference
 from pop_fx.backend import rewrite_graph
 from pop_fx.capture import capture_graphs
 from pop_fx.evaluation import parse_methods
-from pop_fx.kernels.proxy import ACTIVATIONS, gather_in, proxy_activation, proxy_tables, quantize_rows
+from pop_fx.kernels.proxy import (ACTIVATIONS, dequantize, gather_in, pack_int3, proxy_activation, proxy_tables,
+                                  quantize_rows, quantize_rows_int3, unpack_int3)
 from pop_fx.models import tiny_model
 from pop_fx.partition import partition_sizes
 from passes.pop_rewrite import pop_ops_in
 
 CFG = PopConfig(sparsity=0.5, candidate_ratio=0.8, candidate_proxy="int8")
 GEN = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # Several tests here compile the same tiny model class: keep each clear of Dynamo's recompile limit.
+    torch._dynamo.reset()
 
 
 def _ids(B=2, L=7, seed=1):
@@ -26,7 +33,7 @@ def _ids(B=2, L=7, seed=1):
 
 
 def test_config_names_the_field_and_allowed_values():
-    with pytest.raises(ValueError, match=r"candidate_proxy='int4'.*allowed one of \[None, 'int8', 'int8-gate'\]"):
+    with pytest.raises(ValueError, match=r"candidate_proxy='int4'.*allowed one of \[None, 'int8', 'int8-gate', 'int3'\]"):
         PopConfig(candidate_proxy="int4")
 
 
@@ -38,6 +45,32 @@ def test_quantize_rows_error_is_at_most_half_a_step(n, d, scale, seed):
     assert q.dtype == torch.int8 and int(q.abs().max()) <= 127 and torch.isfinite(s).all()
     err = (w - q.float() * s[:, None]).abs()
     assert (err <= s[:, None] / 2 * (1 + 1e-5) + 1e-12).all()
+
+
+@given(st.integers(1, 5), st.integers(1, 41), st.integers(0, 2**31 - 1))
+def test_int3_bit_planes_round_trip_at_three_bits_per_weight(n, d, seed):
+    q = torch.randint(-3, 4, (n, d), generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
+    packed = pack_int3(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (n, 3, -(-d // 8))
+    assert torch.equal(unpack_int3(packed, d), q.to(torch.int32))
+
+
+@given(st.integers(1, 4), st.integers(1, 30), st.integers(0, 2**31 - 1))
+def test_int3_quantization_error_is_at_most_half_a_step(n, d, seed):
+    w = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    q, s = quantize_rows_int3(w)
+    assert ((w - dequantize(q, s, d)).abs() <= s[:, None] / 2 * (1 + 1e-5) + 1e-12).all()
+
+
+@pytest.mark.parametrize("proxy", ["int8", "int3"])
+def test_proxy_activation_matches_dequantized_math_packed(proxy):
+    gate, up, x = torch.randn(10, 13), torch.randn(10, 13), torch.randn(3, 13)
+    q, s = proxy_tables(gate, up, proxy)
+    w = dequantize(q, s, 13)
+    idx = torch.tensor([1, 4, 9])
+    gelu = ACTIVATIONS.index("gelu")
+    torch.testing.assert_close(proxy_activation(x, q, s, idx, 10, gelu, both=True),
+                               torch.nn.functional.gelu(x @ w[idx].t()) * (x @ w[10 + idx].t()), atol=1e-5, rtol=1e-5)
 
 
 def test_proxy_activation_matches_dequantized_math():
@@ -62,24 +95,25 @@ def test_gather_in_equals_rows_of_the_layout():
     torch.testing.assert_close(gather_in(x, w_in, b_in, sel, n_R, n_R + n_C, 2), x @ w_in[rows].t() + b_in[rows])
 
 
-def _int8_exact(model):
-    """Make every gate/up row exactly representable by its int8 copy: then the proxy IS the exact activation."""
+def _representable(model, proxy):
+    """Make every gate/up row exactly representable by its proxy copy: then the proxy IS the exact activation."""
     with torch.no_grad():
         for layer in model.model.layers:
             for lin in (layer.mlp.gate_proj, layer.mlp.up_proj):
-                q, s = quantize_rows(lin.weight)
-                lin.weight.copy_(q.float() * s[:, None])
+                q, s = proxy_tables(lin.weight, None, proxy)
+                lin.weight.copy_(dequantize(q, s, lin.weight.shape[1]))
     return model
 
 
-def test_reference_with_an_exact_proxy_chooses_what_pop_chooses():
-    model = _int8_exact(tiny_model("llama"))
+@pytest.mark.parametrize("proxy", ["int8", "int3"])
+def test_reference_with_an_exact_proxy_chooses_what_pop_chooses(proxy):
+    model = _representable(tiny_model("llama"), proxy)
     exact = CFG.replace(candidate_proxy=None)
     with torch.no_grad():
         with reference.pruned(model, exact) as ctx:
             want = model.generate(**_ids(), **GEN)
             keep_exact = {p: s.last_keep.clone() for p, s in ctx.states.items()}
-        with reference.pruned(model, CFG) as ctx:
+        with reference.pruned(model, CFG.replace(candidate_proxy=proxy)) as ctx:
             got = model.generate(**_ids(), **GEN)
             keep_proxy = {p: s.last_keep.clone() for p, s in ctx.states.items()}
             assert all(s.proxy is not None for s in ctx.states.values())
@@ -128,10 +162,10 @@ def test_compiled_inductor_equals_the_reference(compiled_llama):
     assert all(s["extra_bytes"] > 0 for s in rep.sites)
 
 
-@pytest.mark.parametrize("family", ["gemma", "qwen3"])
-def test_compiled_eager_lowering_equals_the_reference(family):
+@pytest.mark.parametrize("family,proxy", [("gemma", "int8"), ("qwen3", "int8"), ("llama", "int3")])
+def test_compiled_eager_lowering_equals_the_reference(family, proxy):
     model = tiny_model(family)
-    cfg = CFG.replace(lowering="eager")
+    cfg = CFG.replace(lowering="eager", candidate_proxy=proxy)
     with torch.no_grad(), reference.pruned(model, cfg):
         want = model.generate(**_ids(), **GEN)
     pop_fx.compile(model, cfg)
@@ -179,8 +213,9 @@ def test_compiled_scope_sequence_is_refused():
 
 
 def test_evaluation_method_names():
-    ms = parse_methods(["proxy-1", "proxy-gate-0.8", "pop-0.1"])
+    ms = parse_methods(["proxy-1", "proxy-gate-0.8", "proxy-int3-1.0", "pop-0.1"])
     assert [(m.name, m.gamma, m.proxy) for m in ms] == [("dense", None, None), ("proxy-1", 1.0, "int8"),
-                                                         ("proxy-gate-0.8", 0.8, "int8-gate"), ("pop-0.1", 0.1, None)]
+                                                         ("proxy-gate-0.8", 0.8, "int8-gate"),
+                                                         ("proxy-int3-1", 1.0, "int3"), ("pop-0.1", 0.1, None)]
     with pytest.raises(ValueError, match="method 'proxy-x' is invalid"):
         parse_methods(["proxy-x"])
