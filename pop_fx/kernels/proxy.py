@@ -111,11 +111,28 @@ def proxy_tables(gate: Tensor, up: Tensor | None, proxy: str) -> tuple[Tensor, T
 
 def _rows_dot(x2: Tensor, q: Tensor, s: Tensor, rows: Tensor) -> Tensor:
     """x2 [B, d] · (q[rows] · s[rows])ᵀ -> [B, |rows|] in fp32, written as a reduction so the gather fuses."""
-    if q.dim() == 3:  # int3 bit planes: unpacked inside the reduction
-        vals = unpack_int3(q[rows], x2.shape[-1])
-    else:
-        vals = q[rows]
-    return (vals.float()[None] * x2.float()[:, None, :]).sum(-1) * s[rows]
+    if q.dim() == 3:
+        return _planes_dot(x2, q, s, rows)
+    return (q[rows].float()[None] * x2.float()[:, None, :]).sum(-1) * s[rows]
+
+
+def _planes_dot(x2: Tensor, q: Tensor, s: Tensor, rows: Tensor) -> Tensor:
+    """The int3 product straight from the bit planes: Σ_k x_k·(u_k − 3) = Σ_p 2^p Σ_i Σ_j bit_i(P_p[j])·x[i·D8+j] − 3·Σ x.
+
+    Each of the 24 (plane, bit) terms is a reduction over D8 contiguous bytes with an affine index, which
+    Inductor vectorizes; unpacking to [rows, d] first makes it index by k // D8 and k % D8 (~5× slower on CPU).
+    """
+    planes = q[rows].to(torch.int32)  # [r, 3, D8]
+    d8 = planes.shape[-1]
+    xf = x2.float()
+    if xf.shape[-1] < 8 * d8:  # padding columns hold value 0: pad x with zeros to match
+        xf = F.pad(xf, (0, 8 * d8 - xf.shape[-1]))
+    acc = -3.0 * xf.sum(-1, keepdim=True)
+    for p in range(3):
+        for i in range(8):
+            bits = ((planes[:, p, :] >> i) & 1).float()
+            acc = acc + (bits[None] * xf[:, None, i * d8:(i + 1) * d8]).sum(-1) * float(1 << p)
+    return acc * s[rows]
 
 
 def proxy_activation(x2: Tensor, q: Tensor, s: Tensor, c_idx: Tensor, d_ff: int, act: int, both: bool) -> Tensor:

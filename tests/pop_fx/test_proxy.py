@@ -162,10 +162,11 @@ def test_compiled_inductor_equals_the_reference(compiled_llama):
     assert all(s["extra_bytes"] > 0 for s in rep.sites)
 
 
-@pytest.mark.parametrize("family,proxy", [("gemma", "int8"), ("qwen3", "int8"), ("llama", "int3")])
-def test_compiled_eager_lowering_equals_the_reference(family, proxy):
+@pytest.mark.parametrize("family,proxy,lowering", [("gemma", "int8", "eager"), ("qwen3", "int8", "eager"),
+                                                   ("llama", "int3", "eager"), ("qwen2", "int3", "inductor")])
+def test_compiled_equals_the_reference(family, proxy, lowering):
     model = tiny_model(family)
-    cfg = CFG.replace(lowering="eager", candidate_proxy=proxy)
+    cfg = CFG.replace(lowering=lowering, candidate_proxy=proxy)
     with torch.no_grad(), reference.pruned(model, cfg):
         want = model.generate(**_ids(), **GEN)
     pop_fx.compile(model, cfg)
