@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
@@ -22,13 +21,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _generate(model, tok, prompt: str, n: int, warmup: bool = False) -> tuple[torch.Tensor, float]:
+    """(ids, decode tokens/s): the rate between the first and the last new token (prefill excluded, as in
+    ``pop-fx bench``; POP's prefill also builds its layouts)."""
+    from transformers import LogitsProcessorList
+
+    from .bench import _step_stamps
+
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         if warmup:  # compile the prefill and decode graphs outside the timed run
             model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0], n / (time.perf_counter() - t0)
+        stamps = _step_stamps()
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             logits_processor=LogitsProcessorList([stamps]))
+    t = stamps.t
+    return out[0], (len(t) - 1) / max(t[-1] - t[0], 1e-9) if len(t) > 1 else float("nan")
 
 
 def _compiled_runs(model, tok, prompts, n, config):
@@ -98,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"POP sites: {report.counts()}  layout buffers {report.extra_bytes / 2**20:.1f} MiB")
     for r in rows:
         print(f"\nprompt: {r['prompt']!r}")
-        print(f"  dense: {r['dense']!r}   [{r['dense_tokens_per_s']:.1f} tok/s]")
-        print(f"  POP  : {r['pop']!r}   [{r['pop_tokens_per_s']:.1f} tok/s]")
+        print(f"  dense: {r['dense']!r}   [{r['dense_tokens_per_s']:.1f} decode tok/s]")
+        print(f"  POP  : {r['pop']!r}   [{r['pop_tokens_per_s']:.1f} decode tok/s]")
         print(f"  greedy tokens equal to dense: {r['greedy_tokens_equal']:.3f}   "
               f"speed POP/dense: {r['pop_tokens_per_s'] / r['dense_tokens_per_s']:.2f}x")
         print(f"  next-token agreement (decode mode, teacher-forced on dense): {r['agreement']:.3f}")

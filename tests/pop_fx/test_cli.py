@@ -22,3 +22,16 @@ def test_bad_value_is_one_clear_error(capsys):
 def test_unknown_dtype_rejected():
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["demo", "--dtype", "float64"])
+
+
+def test_demo_rate_is_decode_tokens_per_second():
+    import types
+
+    import torch
+
+    from pop_fx.demo import _generate
+    from pop_fx.models import tiny_model
+
+    tok = lambda text, return_tensors=None: types.SimpleNamespace(input_ids=torch.tensor([[5, 6, 7, 8]]))  # noqa: E731
+    ids, rate = _generate(tiny_model("llama"), tok, "x", 4)
+    assert ids.shape == (8,) and rate > 0 and rate == rate
