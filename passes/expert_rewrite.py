@@ -79,7 +79,7 @@ def rewrite_experts(gm: fx.GraphModule, experts: list[ExpertsMatch], skipped: li
             continue
         st = _experts.get_or_create(m.gate_up_param, m.param, cfg)
         st.info.update(path=m.path, activation=m.activation, pattern=f"Experts[{m.implementation}]")
-        nodes = add_state_placeholders(gm, st, f"pop_experts{i}", EXPERT_STATE_NAMES)
+        nodes = add_state_placeholders(gm, st.tensors, f"pop_experts{i}", EXPERT_STATE_NAMES)
         kind = "decode" if m.is_decode else "prefill"
         (rewrite_decode if m.is_decode else rewrite_prefill)(gm, m, st, nodes)
         st.graphs.add(kind)

@@ -50,8 +50,8 @@ def site_weights(m: SiteMatch):
     return s[0].weight, s[0].bias, None, None
 
 
-def add_state_placeholders(gm: fx.GraphModule, st, prefix: str, names=STATE_NAMES) -> dict[str, fx.Node]:
-    """One placeholder per state tensor ``st.tensors[name]``, after all others; static inputs for Inductor."""
+def add_state_placeholders(gm: fx.GraphModule, tensors: dict, prefix: str, names=STATE_NAMES) -> dict[str, fx.Node]:
+    """One placeholder per state tensor ``tensors[name]``, after all others; static inputs for Inductor."""
     g = gm.graph
     last = [n for n in g.nodes if n.op == "placeholder"][-1]
     nodes = {}
@@ -60,7 +60,7 @@ def add_state_placeholders(gm: fx.GraphModule, st, prefix: str, names=STATE_NAME
             ph = g.placeholder(f"{prefix}_{name}")
             ph._dynamo_source = None  # AOT refuses an unknown source; None marks "not from user code"
             ph.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
-            ph.meta["example_value"] = st.tensors[name]
+            ph.meta["example_value"] = tensors[name]
             ph.meta["pop_state"] = name
             nodes[name] = ph
     return nodes

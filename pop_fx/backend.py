@@ -189,7 +189,7 @@ def rewrite_graph(gm: fx.GraphModule, cfg: PopConfig) -> Rewritten:
                                   n_in=n_inputs(m), in_dtype=w_a.dtype,
                                   weights=dict(w_a=w_a, b_a=b_a, w_b=w_b, b_b=b_b))
         st.info.update(pattern=m.pattern.name, activation=m.activation, path=m.path)
-        nodes = add_state_placeholders(gm2, st, f"pop_site{i}")
+        nodes = add_state_placeholders(gm2, st.tensors, f"pop_site{i}")
         graph_kind = "decode" if m.is_decode else "prefill"
         state_tensors.extend(st.tensors[name] for name in STATE_NAMES)
         reason = "pop"
@@ -202,7 +202,7 @@ def rewrite_graph(gm: fx.GraphModule, cfg: PopConfig) -> Rewritten:
                 gate, act = sup
                 w = (w_a, w_b) if gate == 0 else (w_b, w_a)
                 tables = st.ensure_proxy(*w)
-                proxy_nodes = add_state_placeholders(gm2, _Tables(tables), f"pop_site{i}_proxy", names=("q", "s"))
+                proxy_nodes = add_state_placeholders(gm2, tables, f"pop_site{i}_proxy", names=("q", "s"))
                 state_tensors.extend(tables[name] for name in ("q", "s"))
                 rewrite_decode_proxy(gm2, m, st, nodes, proxy_nodes, act)
         else:
@@ -214,13 +214,6 @@ def rewrite_graph(gm: fx.GraphModule, cfg: PopConfig) -> Rewritten:
     gm2.graph.lint()
     gm2.recompile()
     return Rewritten(gm2, sites, skipped, state_tensors, counts)
-
-
-@dataclass
-class _Tables:
-    """Adapter: add_state_placeholders reads ``.tensors``."""
-
-    tensors: dict
 
 
 def _real(node: fx.Node | None) -> torch.Tensor | None:
