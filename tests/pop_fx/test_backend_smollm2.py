@@ -12,16 +12,6 @@ pytestmark = [pytest.mark.compile, pytest.mark.real_model]
 PROMPT = "The World English Bible says: In the beginning, God created the heavens and the earth."
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    models = pytest.importorskip("pop_fx.models")
-    try:
-        model, tok = models.load_model("smollm2")
-    except FileNotFoundError as e:  # the wheel is installed by the README's set-up
-        pytest.skip(str(e))
-    return model, tok
-
-
 def test_smollm2_compiled_generate_equals_reference(smollm2):
     model, tok = smollm2
     torch._dynamo.reset()

@@ -48,16 +48,6 @@ def test_load_model_from_a_saved_folder(tmp_path):
     assert torch.equal(model.model.layers[1].mlp.up_proj.weight, tiny_model("mistral").model.layers[1].mlp.up_proj.weight)
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    pytest.importorskip("gguf")
-    try:
-        model, tok = load_model("smollm2")
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    return model, tok
-
-
 @pytest.mark.real_model
 def test_smollm2_reference_r0_is_dense_and_pop_agreement(smollm2):
     if not TEXT.is_file():
