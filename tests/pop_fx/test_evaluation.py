@@ -178,7 +178,9 @@ def test_wanda_sp_scores_follow_the_formula(model, text):
     x = torch.cat(seen)
     w = site.down.weight.detach().double()
     expect = x.norm(dim=0) * w.abs().sum(0)
-    torch.testing.assert_close(scores[site.path], expect, rtol=1e-9, atol=1e-12)
+    # The activations are fp32 and this forward batches the windows differently from wanda_sp_scores (a
+    # different GEMM summation order): fp32's tolerance, which a wrong norm (L1 vs L2, no sqrt) still breaks.
+    torch.testing.assert_close(scores[site.path], expect, rtol=1e-5, atol=1e-8)
     assert set(scores) == {s.path for s in sites}
 
 
