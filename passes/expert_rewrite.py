@@ -22,9 +22,9 @@ from pop_fx import state as _state
 from pop_fx.config import PopConfig
 from pop_fx.expert_state import EXPERT_STATE_NAMES, ExpertsState
 
-from .match_experts import ExpertsMatch
-from .match_ffn import Skipped
-from .pop_rewrite import _attention_mask, add_state_placeholders
+from passes.match_experts import ExpertsMatch
+from passes.match_ffn import Skipped
+from passes.pop_rewrite import _attention_mask, add_state_placeholders
 
 pop = torch.ops.pop
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .match_ffn import SiteMatch, Skipped, _is_activation, _token_input, activation_name, param_of, val
+from passes.match_ffn import SiteMatch, Skipped, _is_activation, _token_input, activation_name, param_of, val
 
 # The activations an expert may use, by the name ``activation_name`` gives them.
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pop_fx.sites import VISION_REASON, _is_vision
 
-from .match_ffn import SiteMatch, Skipped
+from passes.match_ffn import SiteMatch, Skipped
 
 
 def split_vision_tower(sites: list[SiteMatch]) -> tuple[list[SiteMatch], list[Skipped]]:

@@ -28,7 +28,7 @@ import pop_fx.ops  # noqa: F401  (registers torch.ops.pop)
 from pop_fx import ops
 from pop_fx.state import STATE_NAMES, SiteState
 
-from .match_ffn import SiteMatch, _is_activation, val
+from passes.match_ffn import SiteMatch, _is_activation, val
 
 pop = torch.ops.pop
 

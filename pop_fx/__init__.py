@@ -4,11 +4,11 @@
     model.generate(...)
 """
 
-from .config import PopConfig
-from .partition import PartitionSizes, partition_sizes
-from . import ops as _ops  # noqa: F401  (registers the pop:: custom ops)
-from .backend import pop_backend, register as _register
-from .api import compile, decompile, report, reset
+from pop_fx.config import PopConfig
+from pop_fx.partition import PartitionSizes, partition_sizes
+from pop_fx import ops as _ops  # noqa: F401  (registers the pop:: custom ops)
+from pop_fx.backend import pop_backend, register as _register
+from pop_fx.api import compile, decompile, report, reset
 
 _register()
 

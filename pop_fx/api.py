@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from . import state as _state
-from .config import PopConfig
+from pop_fx import state as _state
+from pop_fx.config import PopConfig
 
 
 def compile(model: torch.nn.Module, config: PopConfig | dict | None = None, *, mode: str | None = None,
@@ -23,7 +23,7 @@ def compile(model: torch.nn.Module, config: PopConfig | dict | None = None, *, m
     auto-compile (CUDA + static cache) at the same backend via ``generation_config.compile_config``.
     ``mode`` is Inductor's mode (e.g. "reduce-overhead"); ``fields`` are PopConfig fields.
     """
-    from .backend import pop_backend
+    from pop_fx.backend import pop_backend
 
     cfg = PopConfig.from_options(config, **fields)
     if mode is not None:
@@ -183,7 +183,7 @@ def report(model: torch.nn.Module, config: PopConfig | None = None) -> Report:
                 rep.dense.append({"path": path, "kind": nt["kind"], "reason": nt["reason"], "matched": nt["matched"]})
     # Vision towers never reach a decode graph (transformers' generate() even encodes images before the
     # compiled forward): list their FFNs from the live model, with POP_SPEC's reason.
-    from .sites import VISION_REASON, find_sites
+    from pop_fx.sites import VISION_REASON, find_sites
 
     listed = {d["path"] for d in rep.dense}
     for path, reason in find_sites(model)[1]:

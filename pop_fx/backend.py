@@ -25,10 +25,10 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from . import state as _state
-from .config import PopConfig
-from .partition import partition_sizes
-from .state import STATE_NAMES
+from pop_fx import state as _state
+from pop_fx.config import PopConfig
+from pop_fx.partition import partition_sizes
+from pop_fx.state import STATE_NAMES
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -49,7 +49,7 @@ def _source_hash() -> str:
     """Hash of every source file of ``pop_fx`` and ``passes``: the passes, the ops and the kernels they lower to."""
     import passes
 
-    from . import kernels
+    from pop_fx import kernels
 
     files = []
     for pkg in (passes, kernels, sys.modules[__package__]):

@@ -69,7 +69,7 @@ class FFNStack(nn.Module):
 
 def sliced_copy(model: nn.Module, n_keep_of) -> nn.Module:
     """A copy of ``model`` whose every gated/plain FFN keeps only n_keep channels (the first ones: speed only)."""
-    from .sites import find_sites
+    from pop_fx.sites import find_sites
 
     out = copy.deepcopy(model)
     sites, _ = find_sites(out)
@@ -161,7 +161,7 @@ def bench_ffn(d: int, f: int, k: int, config, *, batch: int = 1, prompt: int = 1
               rounds: int = 5, dtype=torch.float32, variants=DEFAULT_VARIANTS, proxy_gamma: float = 1.0,
               proxy: str = "int8") -> dict[str, Cell]:
     """Per-layer decode-step time of a K-layer FFN stack (ms), each variant compiled once."""
-    from .partition import partition_sizes
+    from pop_fx.partition import partition_sizes
 
     model = FFNStack(d, f, k, dtype).eval()
     n_keep_of = lambda ff: partition_sizes(ff, config.sparsity, config.candidate_ratio).n_keep  # noqa: E731
@@ -192,7 +192,7 @@ def bench_generate(model, tok, config, *, batch: int = 1, prompt: str | None = N
                    rounds: int = 3, variants=DEFAULT_VARIANTS, proxy_gamma: float = 1.0,
               proxy: str = "int8") -> dict[str, Cell]:
     """End-to-end greedy decode tokens/s (prefill excluded) of each variant."""
-    from .partition import partition_sizes
+    from pop_fx.partition import partition_sizes
 
     n_keep_of = lambda ff: partition_sizes(ff, config.sparsity, config.candidate_ratio).n_keep  # noqa: E731
     built = _build_variants(model, config, variants, n_keep_of, proxy_gamma, proxy)
@@ -289,8 +289,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import config_from_args
-    from .models import parse_dtype
+    from pop_fx.cli import config_from_args
+    from pop_fx.models import parse_dtype
 
     torch.set_num_threads(args.threads)
     config = config_from_args(args)
@@ -316,7 +316,7 @@ def _run_cell(args, config, batch, dtype, variants) -> dict:
     # The variants are compiled copies of one model class, and Dynamo's recompile limit counts the graphs of
     # all of them against one code object: past it a variant would silently run uncompiled (and POP
     # unpruned). Give each variant the default allowance, and refuse to report a run that still hit it.
-    from .api import _recompile_limit_hits
+    from pop_fx.api import _recompile_limit_hits
 
     torch._dynamo.reset()
     hits = _recompile_limit_hits()
@@ -329,7 +329,7 @@ def _run_cell(args, config, batch, dtype, variants) -> dict:
 
 
 def _measure_cell(args, config, batch, dtype, variants) -> dict:
-    from .models import load_model
+    from pop_fx.models import load_model
 
     if args.ffn_only:
         d, f = (2048, 5632) if args.shape == "1b" else (576, 1536)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .backend import copy_graph_module
+from pop_fx.backend import copy_graph_module
 
 
 @dataclass

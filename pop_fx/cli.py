@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import sys
 
-from .config import PopConfig
+from pop_fx.config import PopConfig
 
 SUBCOMMANDS = {
     "demo": "pop_fx.demo",

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from .partition import partition_sizes
+from pop_fx.partition import partition_sizes
 
 d, f, b = sympy.symbols("d f b", positive=True, integer=True)
 r, gamma = sympy.symbols("r γ", nonnegative=True)
@@ -121,7 +121,7 @@ def proxy_expressions(kind: str = "gated", proxy: str = "int8") -> dict[str, sym
 
     Keys: proxy_bytes, bytes_ratio (to dense). The per-row scales (4·m_p·n_C bytes) are O(f), not counted.
     """
-    from .kernels.proxy import BITS
+    from pop_fx.kernels.proxy import BITS
 
     m = input_matrices(kind)
     if proxy not in BITS:
@@ -229,7 +229,7 @@ def paper_comparison(candidate_ratio: float = 0.1, total_reduction: float = 0.2)
     listed: the static-mask FFN of the same n_keep, and all matmul FLOPs of a decoder layer (attention
     projections + FFN; the attention scores depend on the context length and are left out).
     """
-    from .budget import ffn_sparsity_for_total
+    from pop_fx.budget import ffn_sparsity_for_total
 
     rows = []
     for name, shp in PAPER_SHAPES.items():

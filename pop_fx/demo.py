@@ -25,7 +25,7 @@ def _generate(model, tok, prompt: str, n: int, warmup: bool = False) -> tuple[to
     ``pop-fx bench``; POP's prefill also builds its layouts)."""
     from transformers import LogitsProcessorList
 
-    from .bench import _step_stamps
+    from pop_fx.bench import _step_stamps
 
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -58,15 +58,15 @@ def _compiled_runs(model, tok, prompts, n, config):
 
 def pop_context(model, config):
     """How POP is applied in the demo (the eager reference for now)."""
-    from . import reference
+    from pop_fx import reference
 
     return reference.pruned(model, config)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .agreement import next_token_agreement
-    from .cli import config_from_args
-    from .models import load_model
+    from pop_fx.agreement import next_token_agreement
+    from pop_fx.cli import config_from_args
+    from pop_fx.models import load_model
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} is invalid: allowed an integer >= 1")

@@ -46,8 +46,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .config import PopConfig
-from .partition import partition_sizes, top_k
+from pop_fx.config import PopConfig
+from pop_fx.partition import partition_sizes, top_k
 
 DEFAULT_SPARSITIES = (0.2, 0.3, 0.4, 0.5, 0.6)
 DEFAULT_GAMMAS = (0.05, 0.1, 0.2, 0.4)
@@ -319,7 +319,7 @@ def _device_of(model: Any) -> torch.device:
 
 
 def _sites(model: Any) -> list[Any]:
-    from .sites import find_sites
+    from pop_fx.sites import find_sites
 
     found = find_sites(model)
     sites = found[0] if isinstance(found, tuple) else found
@@ -570,7 +570,7 @@ def _pop_runner(model: Any, config: PopConfig, backend: str):
             if decompile is not None:
                 decompile(model)
         return
-    from .reference import pruned
+    from pop_fx.reference import pruned
 
     with pruned(model, config):
         yield model
@@ -578,7 +578,7 @@ def _pop_runner(model: Any, config: PopConfig, backend: str):
 
 @contextlib.contextmanager
 def _masked_runner(model: Any, masks: dict[str, torch.Tensor]):
-    from .reference import masked
+    from pop_fx.reference import masked
 
     with masked(model, masks):
         yield model
@@ -851,7 +851,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .models import load_model
+    from pop_fx.models import load_model
 
     dtype = getattr(args, "dtype", None)
     model_name = getattr(args, "model", None) or "smollm2"
@@ -864,7 +864,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = ByteTokenizer()
     sparsities = args.sparsities
     if args.total_reductions:
-        from .budget import ffn_sparsity_for_model
+        from pop_fx.budget import ffn_sparsity_for_model
 
         sparsities = [round(ffn_sparsity_for_model(model.config, t), 4) for t in args.total_reductions]
     result = evaluate(

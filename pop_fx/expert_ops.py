@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import partition as P
+from pop_fx import partition as P
 
 _ACT = {
     "silu": F.silu,

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import expert_ops
-from . import state as _state
-from .config import PopConfig
-from .partition import PartitionSizes, down_column_norm, partition_sizes
+from pop_fx import expert_ops
+from pop_fx import state as _state
+from pop_fx.config import PopConfig
+from pop_fx.partition import PartitionSizes, down_column_norm, partition_sizes
 
 EXPERT_STATE_NAMES = ("wd_norm", "rc_idx", "wd_norm_c", "dense", "w_in", "wd_t")
 

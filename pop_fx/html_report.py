@@ -10,7 +10,7 @@ from html import escape
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .inspect import InspectReport, SiteOps
+    from pop_fx.inspect import InspectReport, SiteOps
 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px; color: #1d1d1f; max-width: 1400px; }
@@ -102,13 +102,13 @@ def _td(v, num: bool = False) -> str:
 
 
 def _si(x: float, unit: str) -> str:
-    from .inspect import _si as si
+    from pop_fx.inspect import _si as si
 
     return si(x, unit)
 
 
 def render(rep: "InspectReport") -> str:
-    from .state import STATE_NAMES
+    from pop_fx.state import STATE_NAMES
 
     c = rep.config
     h = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',

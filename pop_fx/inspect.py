@@ -26,9 +26,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import costmodel
-from .config import PopConfig
-from .partition import partition_sizes
+from pop_fx import costmodel
+from pop_fx.config import PopConfig
+from pop_fx.partition import partition_sizes
 
 # ----------------------------------------------------------------------------------------------
 # reading a site's nodes
@@ -309,7 +309,7 @@ class InspectReport:
         return json.dumps(self.as_dict(), indent=2, ensure_ascii=False)
 
     def to_html(self) -> str:
-        from .html_report import render
+        from pop_fx.html_report import render
 
         return render(self)
 
@@ -330,10 +330,10 @@ def inspect(model_or_name: Any = "smollm2", config: PopConfig | dict | None = No
     from passes.match_ffn import find_sites, param_of
     from passes.pop_rewrite import pop_ops_in
 
-    from . import state as _state
-    from .backend import rewrite_graph
-    from .capture import capture_graphs
-    from .models import load_model
+    from pop_fx import state as _state
+    from pop_fx.backend import rewrite_graph
+    from pop_fx.capture import capture_graphs
+    from pop_fx.models import load_model
 
     cfg = PopConfig.from_options(config).replace(lowering="eager")  # rewrite only; the lowering is never run
     if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 2:
@@ -494,7 +494,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import config_from_args
+    from pop_fx.cli import config_from_args
 
     rep = inspect(args.model_name or args.model, config_from_args(args), prompt_len=args.prompt_len,
                   batch=args.batch, dtype=args.dtype)

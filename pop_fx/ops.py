@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import partition as P
-from .kernels.layout import CONV1D, FUSED, _rows, write_partition  # noqa: F401  (flags and layout, shared)
+from pop_fx import partition as P
+from pop_fx.kernels.layout import CONV1D, FUSED, _rows, write_partition  # noqa: F401  (flags and layout, shared)
 
 
 def _down(h: Tensor, wd: Tensor, bd: Tensor | None, flags: int) -> Tensor:
@@ -104,9 +104,9 @@ def _(h, attention_mask, wd, bd, w_a, b_a, w_b, b_b, wd_norm, rc_idx, wd_norm_c,
 # decode ops live with their kernels (pop_fx/kernels/): importing them registers pop::decode, pop::decode_seq
 # --------------------------------------------------------------------------------------------
 
-from .kernels.decode_down import decode, decode_down_reference  # noqa: E402
-from .kernels.decode_seq import decode_seq, decode_seq_reference  # noqa: E402
-from .kernels.proxy import decode_sel, gather_in, proxy_select  # noqa: E402
+from pop_fx.kernels.decode_down import decode, decode_down_reference  # noqa: E402
+from pop_fx.kernels.decode_seq import decode_seq, decode_seq_reference  # noqa: E402
+from pop_fx.kernels.proxy import decode_sel, gather_in, proxy_select  # noqa: E402
 
 __all__ = ["FUSED", "CONV1D", "prefill", "decode", "decode_down_reference", "decode_seq", "decode_seq_reference", "proxy_select", "gather_in", "decode_sel",
            "write_partition"]

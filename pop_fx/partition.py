@@ -44,7 +44,7 @@ def partition_sizes(d_ff: int, sparsity: float, candidate_ratio: float) -> Parti
     """(n_keep, n_R, n_C, n_P) for one site, exactly as POP_SPEC.md writes them."""
     if isinstance(d_ff, bool) or not isinstance(d_ff, numbers.Integral) or d_ff < 1:
         raise ValueError(f"d_ff={d_ff!r} is invalid: allowed an integer >= 1")
-    from .config import PopConfig
+    from pop_fx.config import PopConfig
 
     PopConfig(sparsity=sparsity, candidate_ratio=candidate_ratio)  # one place validates ranges
     d_ff = int(d_ff)

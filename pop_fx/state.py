@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.weak import WeakIdKeyDictionary  # tensors compare elementwise: key them by identity
 
-from . import ops
-from .config import PopConfig
-from .partition import PartitionSizes, down_column_norm, partition_sizes
+from pop_fx import ops
+from pop_fx.config import PopConfig
+from pop_fx.partition import PartitionSizes, down_column_norm, partition_sizes
 
 STATE_NAMES = ("wd_norm", "rc_idx", "wd_norm_c", "w_in", "b_in", "wd_t")
 
@@ -45,7 +45,7 @@ class SiteState:
 
     def ensure_proxy(self, gate: torch.Tensor, up: torch.Tensor) -> dict[str, torch.Tensor]:
         """The site's proxy tables (``kernels.proxy.proxy_tables``), created on first use; constant afterwards."""
-        from .kernels.proxy import proxy_tables
+        from pop_fx.kernels.proxy import proxy_tables
 
         with _lock:
             if not self.proxy:
@@ -59,7 +59,7 @@ class SiteState:
         Used before any prefill and after ``reset``: a decode step that has no prefill of its own (a one-token
         prompt) prunes by weight norms, never by a previous request's partition or by an all-zero layout.
         """
-        from .partition import weight_only_scores
+        from pop_fx.partition import weight_only_scores
 
         w = self.weights
         rows = ops._rows(w["w_a"], self.flags)

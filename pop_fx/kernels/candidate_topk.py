@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..partition import candidate_scores, select
+from pop_fx.partition import candidate_scores, select
 
 
 def candidate_topk(h_c: Tensor, wd_norm_c: Tensor, k: int, per_sequence: bool = False) -> Tensor:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .candidate_topk import candidate_topk
+from pop_fx.kernels.candidate_topk import candidate_topk
 
 try:  # triton is a Linux-only dependency; the CPU path never needs it
     import triton

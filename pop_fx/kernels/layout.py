@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import partition as P
+from pop_fx import partition as P
 
 FUSED = 1
 CONV1D = 2

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .candidate_topk import candidate_topk
+from pop_fx.kernels.candidate_topk import candidate_topk
 
 try:  # triton is a Linux-only dependency; the CPU path never needs it
     import triton
@@ -243,7 +243,7 @@ def decode_sel(h: Tensor, wd_t: Tensor, bd: Tensor | None, sel: Tensor, n_R: int
     h2 = h.reshape(-1, h.shape[-1])
     n_C = wd_t.shape[0] - n_R
     if _on_cuda(h):  # decode_down's kernel reads h at R and at the chosen layout rows only
-        from .decode_down import decode_down_triton
+        from pop_fx.kernels.decode_down import decode_down_triton
 
         h_rc = torch.zeros(h2.shape[0], n_R + n_C, dtype=h2.dtype, device=h2.device).index_copy(
             1, _in_rows(sel, n_R, n_R + n_C, 1), h2)
