@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from pop_fx import evaluation
-from pop_fx.models import load_model
+from pop_fx.tools import evaluation
+from pop_fx.tools.models import load_model
 
 
 def main(argv: list[str] | None = None) -> int:

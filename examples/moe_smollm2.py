@@ -2,13 +2,13 @@
 
     python examples/moe_smollm2.py                       # E=4, r in {0, 0.5}, 8 windows of 128 + 64 tokens
 
-``pop_fx.models.split_into_experts`` turns each FFN (d_ff 1536) into E experts of contiguous
+``pop_fx.tools.models.split_into_experts`` turns each FFN (d_ff 1536) into E experts of contiguous
 channel blocks behind a router that activates all of them with weight 1: the same function as
 the dense model up to floating-point summation order. POP then partitions each expert on the
 prefill tokens routed to it (all of them here), so at sparsity r every expert keeps (1-r) of its
 own channels, where the dense-FFN POP picks (1-r)·d_ff channels anywhere in the FFN.
 The table gives decode-mode next-token agreement with the dense model
-(``pop_fx.agreement.next_token_agreement``, teacher-forced windows of the World English Bible),
+(``pop_fx.tools.agreement.next_token_agreement``, teacher-forced windows of the World English Bible),
 computed with the eager reference (``pop_fx.reference.pruned``) on both models.
 """
 
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from pop_fx import PopConfig
-from pop_fx.agreement import decode_logits, next_token_agreement
-from pop_fx.models import load_model, split_into_experts
+from pop_fx.tools.agreement import decode_logits, next_token_agreement
+from pop_fx.tools.models import load_model, split_into_experts
 from pop_fx.reference import pruned
 
 TEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "web_bible.txt"

@@ -4,7 +4,7 @@
 
 Reads evaluation results (``pop-fx eval`` / ``examples/eval_smollm2.py`` JSON; several files are merged, the
 first file's row of a method wins), keeps one sparsity, and places every method at (fp32 FFN weight bytes
-per decode step / dense, perplexity / dense perplexity). Bytes come from ``pop_fx.costmodel`` with the
+per decode step / dense, perplexity / dense perplexity). Bytes come from ``pop_fx.tools.costmodel`` with the
 rounded partition sizes of the model's FFN shape (SmolLM2: d_model 576, d_ff 1536). Prints a Markdown table;
 with ``--out`` also draws the frontier with the targets of the "beyond" issue (ppl ≤ 1.25× dense, bytes ≤
 POP γ=0.2's).
@@ -16,7 +16,7 @@ import argparse
 import json
 import math
 
-from pop_fx.costmodel import proxy_site_bytes, site_cost
+from pop_fx.tools.costmodel import proxy_site_bytes, site_cost
 
 
 def method_bytes(name: str, gamma: float | None, r: float, d_model: int, d_ff: int) -> float:
@@ -24,7 +24,7 @@ def method_bytes(name: str, gamma: float | None, r: float, d_model: int, d_ff: i
     if name == "dense":
         return 1.0
     if name.startswith("proxy-"):
-        from pop_fx.evaluation import PROXY_METHODS
+        from pop_fx.tools.evaluation import PROXY_METHODS
 
         proxy = next(x for p, x in PROXY_METHODS if name.startswith(p))
         return proxy_site_bytes("gated", d_model, d_ff, r, gamma, proxy) / dense

@@ -26,7 +26,7 @@ import torch
 
 import pop_fx
 from pop_fx import backend as _backend
-from pop_fx.models import tiny_model
+from pop_fx.tools.models import tiny_model
 
 
 def rss_mib() -> float:

@@ -39,7 +39,7 @@ def _fresh_dynamo():
 def smollm2():
     """(model, tokenizer) of the real SmolLM2, loaded once per test module (modules compile or split it)."""
     pytest.importorskip("gguf")
-    from pop_fx.models import load_model
+    from pop_fx.tools.models import load_model
 
     try:
         return load_model("smollm2")

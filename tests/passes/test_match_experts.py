@@ -10,8 +10,8 @@ from passes.match_ffn import find_sites
 from passes.pop_rewrite import pop_ops_in
 from pop_fx import PopConfig
 from pop_fx.backend import copy_graph_module, rewrite_graph
-from pop_fx.capture import capture_graphs
-from pop_fx.models import tiny_model
+from pop_fx.tools.capture import capture_graphs
+from pop_fx.tools.models import tiny_model
 
 CFG = PopConfig(sparsity=0.5, candidate_ratio=0.2, lowering="eager")
 

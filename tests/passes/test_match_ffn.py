@@ -6,8 +6,8 @@ import torch.nn as nn
 
 from passes.match_ffn import PATTERNS, find_sites
 from pop_fx.backend import copy_graph_module
-from pop_fx.capture import capture_graphs
-from pop_fx.models import tiny_model
+from pop_fx.tools.capture import capture_graphs
+from pop_fx.tools.models import tiny_model
 
 # family -> (site kind, pattern, activation)
 DENSE_FAMILIES = {

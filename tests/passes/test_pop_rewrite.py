@@ -6,8 +6,8 @@ import torch
 from passes.pop_rewrite import pop_ops_in
 from pop_fx import PopConfig
 from pop_fx.backend import rewrite_graph
-from pop_fx.capture import capture_graphs
-from pop_fx.models import tiny_model
+from pop_fx.tools.capture import capture_graphs
+from pop_fx.tools.models import tiny_model
 
 FAMILIES = ["llama", "phi3", "gpt2", "opt"]
 

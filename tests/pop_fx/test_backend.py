@@ -5,7 +5,7 @@ import torch
 
 import pop_fx
 from pop_fx import PopConfig
-from pop_fx.models import tiny_model
+from pop_fx.tools.models import tiny_model
 from pop_fx.reference import pruned
 
 pytestmark = pytest.mark.compile

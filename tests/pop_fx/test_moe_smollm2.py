@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pop_fx import PopConfig
-from pop_fx.agreement import decode_logits, next_token_agreement
+from pop_fx.tools.agreement import decode_logits, next_token_agreement
 from pop_fx.reference import pruned
 
 pytestmark = pytest.mark.real_model
@@ -18,7 +18,7 @@ TEXT = "In the beginning, God created the heavens and the earth. The earth was f
 
 @pytest.fixture(scope="module")
 def smollm2_moe(smollm2):
-    from pop_fx.models import split_into_experts
+    from pop_fx.tools.models import split_into_experts
 
     dense, tok = smollm2
     return dense, split_into_experts(dense, 4), tok

@@ -8,11 +8,11 @@ from hypothesis import strategies as st
 import pop_fx
 from pop_fx import PopConfig, reference
 from pop_fx.backend import rewrite_graph
-from pop_fx.capture import capture_graphs
-from pop_fx.evaluation import parse_methods
+from pop_fx.tools.capture import capture_graphs
+from pop_fx.tools.evaluation import parse_methods
 from pop_fx.kernels.proxy import (ACTIVATIONS, dequantize, gather_in, pack_int3, proxy_activation, proxy_tables,
                                   quantize_rows, quantize_rows_int3, unpack_int3)
-from pop_fx.models import tiny_model
+from pop_fx.tools.models import tiny_model
 from pop_fx.partition import partition_sizes
 from passes.pop_rewrite import pop_ops_in
 

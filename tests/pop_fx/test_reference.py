@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pop_fx import PopConfig, reference
-from pop_fx.agreement import decode_logits
-from pop_fx.models import tiny_model
+from pop_fx.tools.agreement import decode_logits
+from pop_fx.tools.models import tiny_model
 from pop_fx.partition import importance, partition_sizes, split, top_k, weight_only_scores
 from pop_fx.sites import find_sites
 

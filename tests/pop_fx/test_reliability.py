@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import pop_fx
 from pop_fx import PopConfig
 from pop_fx import state as S
-from pop_fx.models import tiny_model
+from pop_fx.tools.models import tiny_model
 from pop_fx.reference import pruned
 
 pytestmark = pytest.mark.compile

@@ -1,7 +1,7 @@
 """Vision-language models: the language model's FFNs are POP sites, the vision tower is left dense.
 
 Tiny random Qwen2-VL / Qwen2.5-VL fed one 4x4-patch image per sequence plus text, with the
-tensors their processors produce (``pop_fx.models.vlm_inputs``).
+tensors their processors produce (``pop_fx.tools.models.vlm_inputs``).
 """
 
 import pytest
@@ -11,7 +11,7 @@ import pop_fx
 from passes.pop_rewrite import pop_ops_in
 from pop_fx import PopConfig
 from pop_fx.backend import rewrite_graph
-from pop_fx.models import TINY_VLM_FAMILIES, tiny_vlm, vlm_inputs
+from pop_fx.tools.models import TINY_VLM_FAMILIES, tiny_vlm, vlm_inputs
 from pop_fx.reference import pruned
 from pop_fx.sites import VISION_REASON
 

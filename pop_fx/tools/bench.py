@@ -289,8 +289,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pop_fx.cli import config_from_args
-    from pop_fx.models import parse_dtype
+    from pop_fx.tools.cli import config_from_args
+    from pop_fx.tools.models import parse_dtype
 
     torch.set_num_threads(args.threads)
     config = config_from_args(args)
@@ -329,7 +329,7 @@ def _run_cell(args, config, batch, dtype, variants) -> dict:
 
 
 def _measure_cell(args, config, batch, dtype, variants) -> dict:
-    from pop_fx.models import load_model
+    from pop_fx.tools.models import load_model
 
     if args.ffn_only:
         d, f = (2048, 5632) if args.shape == "1b" else (576, 1536)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pop_fx import PopConfig
-from pop_fx.models import tiny_model
+from pop_fx.tools.models import tiny_model
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it: "
@@ -54,7 +54,7 @@ class _Dom(HTMLParser):
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    from pop_fx.inspect import inspect
+    from pop_fx.tools.inspect import inspect
 
     model = tiny_model("llama")
     rep = inspect(model, PopConfig(sparsity=0.5, candidate_ratio=0.1))

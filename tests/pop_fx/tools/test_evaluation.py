@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from pop_fx import evaluation as ev
+from pop_fx.tools import evaluation as ev
 from pop_fx.config import PopConfig
 
 P, T = 6, 5
@@ -30,7 +30,7 @@ class NoOffsetsTokenizer(ev.ByteTokenizer):
 
 def _tiny_llama():
     try:
-        from pop_fx.models import tiny_model
+        from pop_fx.tools.models import tiny_model
 
         model = tiny_model("llama", seed=0)
     except ImportError:
@@ -195,9 +195,9 @@ def test_files_written_and_parseable(result, tmp_path):
 
 
 def test_cli_run_json(monkeypatch, tmp_path, text, capsys, model):
-    import pop_fx.models
+    import pop_fx.tools.models
 
-    monkeypatch.setattr(pop_fx.models, "load_model", lambda name=None, **kw: (model, ByteTokenizer()))
+    monkeypatch.setattr(pop_fx.tools.models, "load_model", lambda name=None, **kw: (model, ByteTokenizer()))
     path = tmp_path / "t.txt"
     path.write_text(text)
     parser = argparse.ArgumentParser()
@@ -254,7 +254,7 @@ def test_greedy_windows_and_progressive_rows(model, text):
 
 def test_pop_fx_eval_subcommand(tmp_path, text, capsys):
     # Through the real console-script dispatch; a tiny family has no tokenizer, so bytes are tokens.
-    from pop_fx.cli import main
+    from pop_fx.tools.cli import main
 
     path = tmp_path / "t.txt"
     path.write_text(text)

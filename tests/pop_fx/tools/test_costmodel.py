@@ -5,8 +5,8 @@ import sympy
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from pop_fx import costmodel
-from pop_fx.costmodel import b, d, f, gamma, r
+from pop_fx.tools import costmodel
+from pop_fx.tools.costmodel import b, d, f, gamma, r
 from pop_fx.partition import partition_sizes
 
 SHAPES = {"SmolLM2": (576, 1536), "Llama2-7B": (4096, 11008), "Llama3.1-8B": (4096, 14336)}
@@ -103,7 +103,7 @@ def test_unknown_kind_is_rejected():
 def test_proxy_bytes_expression():
     import sympy
 
-    from pop_fx import costmodel as cm
+    from pop_fx.tools import costmodel as cm
 
     s = sympy.Symbol("s", positive=True)
     assert sympy.simplify(cm.proxy_expressions("gated", "int8")["bytes_ratio"] - (1 - cm.r + 2 * cm.gamma / (3 * s))) == 0
@@ -116,7 +116,7 @@ def test_proxy_bytes_expression():
 
 
 def test_proxy_site_bytes_uses_rounded_sizes():
-    from pop_fx.costmodel import proxy_site_bytes, site_cost
+    from pop_fx.tools.costmodel import proxy_site_bytes, site_cost
 
     dense = site_cost("gated", 576, 1536, 0.5, 1.0).dense_bytes["fp32"]
     assert proxy_site_bytes("gated", 576, 1536, 0.5, 1.0) * 3 == dense * 2  # 3·768·576·4 + 2·1536·576 = 2/3 dense

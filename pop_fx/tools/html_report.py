@@ -10,7 +10,7 @@ from html import escape
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pop_fx.inspect import InspectReport, SiteOps
+    from pop_fx.tools.inspect import InspectReport, SiteOps
 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px; color: #1d1d1f; max-width: 1400px; }
@@ -102,7 +102,7 @@ def _td(v, num: bool = False) -> str:
 
 
 def _si(x: float, unit: str) -> str:
-    from pop_fx.inspect import _si as si
+    from pop_fx.tools.inspect import _si as si
 
     return si(x, unit)
 

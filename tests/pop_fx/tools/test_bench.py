@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pop_fx import PopConfig
-from pop_fx.bench import FFNStack, bench_ffn, bench_generate, sliced_copy
-from pop_fx.models import tiny_model
+from pop_fx.tools.bench import FFNStack, bench_ffn, bench_generate, sliced_copy
+from pop_fx.tools.models import tiny_model
 
 
 def test_sliced_copy_keeps_the_first_n_keep_channels_exactly():
@@ -58,7 +58,9 @@ def test_bench_generate_times_decode_steps_only():
 def test_run_cell_raises_the_recompile_limit_per_variant_and_refuses_a_run_that_hit_it(monkeypatch):
     import argparse
 
-    from pop_fx import api, bench
+    from pop_fx import api
+
+    from pop_fx.tools import bench
 
     seen = []
     monkeypatch.setattr(bench, "_measure_cell", lambda *a: seen.append(torch._dynamo.config.recompile_limit) or {})

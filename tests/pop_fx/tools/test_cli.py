@@ -1,6 +1,8 @@
 import pytest
 
-from pop_fx import PopConfig, cli
+from pop_fx import PopConfig
+
+from pop_fx.tools import cli
 
 
 def test_shared_flags_build_the_config():
@@ -29,8 +31,8 @@ def test_demo_rate_is_decode_tokens_per_second():
 
     import torch
 
-    from pop_fx.demo import _generate
-    from pop_fx.models import tiny_model
+    from pop_fx.tools.demo import _generate
+    from pop_fx.tools.models import tiny_model
 
     tok = lambda text, return_tensors=None: types.SimpleNamespace(input_ids=torch.tensor([[5, 6, 7, 8]]))  # noqa: E731
     ids, rate = _generate(tiny_model("llama"), tok, "x", 4)

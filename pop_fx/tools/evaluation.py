@@ -826,7 +826,7 @@ def _floats(s: str) -> list[float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``pop-fx eval`` flags.
 
-    Of pop_fx.cli's shared flags eval reads --model, --dtype, --prefill and --json;
+    Of pop_fx.tools.cli's shared flags eval reads --model, --dtype, --prefill and --json;
     --sparsity and --candidate-ratio are replaced by the lists --sparsities and
     --gammas, and the scope follows --batch-size ("sequence" when > 1).
     """
@@ -834,7 +834,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--text", default=None, help="text file to cut windows from (default ../shared/data/web_bible.txt from the repo root)")
     g.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of {', '.join(METHOD_NAMES)} (default %(default)s)")
     g.add_argument("--sparsities", type=_floats, default=list(DEFAULT_SPARSITIES), help="FFN sparsities r, comma-separated (default %(default)s)")
-    g.add_argument("--total-reductions", type=_floats, default=None, help="instead of --sparsities: total decoder-parameter reductions, converted per model (pop_fx.budget)")
+    g.add_argument("--total-reductions", type=_floats, default=None, help="instead of --sparsities: total decoder-parameter reductions, converted per model (pop_fx.tools.budget)")
     g.add_argument("--gammas", type=_floats, default=list(DEFAULT_GAMMAS), help="γ values the method 'pop' expands to (default %(default)s)")
     g.add_argument("--windows", type=int, default=32, help="evaluation windows (default %(default)s)")
     g.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per window (default %(default)s)")
@@ -851,7 +851,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pop_fx.models import load_model
+    from pop_fx.tools.models import load_model
 
     dtype = getattr(args, "dtype", None)
     model_name = getattr(args, "model", None) or "smollm2"
@@ -864,7 +864,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = ByteTokenizer()
     sparsities = args.sparsities
     if args.total_reductions:
-        from pop_fx.budget import ffn_sparsity_for_model
+        from pop_fx.tools.budget import ffn_sparsity_for_model
 
         sparsities = [round(ffn_sparsity_for_model(model.config, t), 4) for t in args.total_reductions]
     result = evaluate(

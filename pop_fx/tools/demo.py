@@ -25,7 +25,7 @@ def _generate(model, tok, prompt: str, n: int, warmup: bool = False) -> tuple[to
     ``pop-fx bench``; POP's prefill also builds its layouts)."""
     from transformers import LogitsProcessorList
 
-    from pop_fx.bench import _step_stamps
+    from pop_fx.tools.bench import _step_stamps
 
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -64,9 +64,9 @@ def pop_context(model, config):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pop_fx.agreement import next_token_agreement
-    from pop_fx.cli import config_from_args
-    from pop_fx.models import load_model
+    from pop_fx.tools.agreement import next_token_agreement
+    from pop_fx.tools.cli import config_from_args
+    from pop_fx.tools.models import load_model
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} is invalid: allowed an integer >= 1")

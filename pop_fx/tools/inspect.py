@@ -1,15 +1,15 @@
 """Inspect what POP matches and rewrites in a model's graphs, and what it costs per decode step.
 
     pop-fx inspect [MODEL] [--html FILE] [--json]
-    report = pop_fx.inspect.inspect("llama", PopConfig(sparsity=0.5))
+    report = pop_fx.tools.inspect.inspect("llama", PopConfig(sparsity=0.5))
 
 The prefill and decode graphs of a short greedy ``generate()`` are captured
-(``pop_fx.capture``) and each is rewritten with ``pop_fx.backend.rewrite_graph``
+(``pop_fx.tools.capture``) and each is rewritten with ``pop_fx.backend.rewrite_graph``
 (no Inductor). The report lists every site (module path, kind, pattern,
 activation, shapes, |R|/|C|/|P|), every FFN-like block left dense with the
 reason, the ``pop::`` ops per graph, and per site the ops between the FFN's
 input ``x`` and its output before and after the rewrite, read off the graph
-nodes. Costs come from ``pop_fx.costmodel``.
+nodes. Costs come from ``pop_fx.tools.costmodel``.
 
 Like a compile, the rewrite registers the sites' POP state on the model's
 Parameters (keyed weakly: it goes away with the model).
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from pop_fx import costmodel
+from pop_fx.tools import costmodel
 from pop_fx.config import PopConfig
 from pop_fx.partition import partition_sizes
 
@@ -309,7 +309,7 @@ class InspectReport:
         return json.dumps(self.as_dict(), indent=2, ensure_ascii=False)
 
     def to_html(self) -> str:
-        from pop_fx.html_report import render
+        from pop_fx.tools.html_report import render
 
         return render(self)
 
@@ -332,8 +332,8 @@ def inspect(model_or_name: Any = "smollm2", config: PopConfig | dict | None = No
 
     from pop_fx import state as _state
     from pop_fx.backend import rewrite_graph
-    from pop_fx.capture import capture_graphs
-    from pop_fx.models import load_model
+    from pop_fx.tools.capture import capture_graphs
+    from pop_fx.tools.models import load_model
 
     cfg = PopConfig.from_options(config).replace(lowering="eager")  # rewrite only; the lowering is never run
     if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 2:
@@ -472,7 +472,7 @@ def _cost_lines(costs: dict) -> list[str]:
                      f"fp32 {_si(t['dense_bytes']['fp32'], 'B')} -> {_si(t['pop_bytes']['fp32'], 'B')}, "
                      f"bf16 {_si(t['dense_bytes']['bf16'], 'B')} -> {_si(t['pop_bytes']['bf16'], 'B')}; "
                      f"candidate-region overhead {100 * t['overhead']:.2f}% of dense FFN FLOPs")
-    lines.append("  candidate-region overhead vs the paper (20% total reduction; r from pop_fx.budget):")
+    lines.append("  candidate-region overhead vs the paper (20% total reduction; r from pop_fx.tools.budget):")
     lines.append(f"    {'model':12s} {'r':>6s} {'paper':>7s} {'ours':>7s} {'γ/3':>7s} {'vs static':>9s} {'vs layer':>9s}")
     for p in costs["paper"]:
         lines.append(f"    {p['model']:12s} {p['sparsity']:6.3f} {100 * p['paper']:6.2f}% {100 * p['ours_dense_ffn']:6.2f}% "
@@ -494,7 +494,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pop_fx.cli import config_from_args
+    from pop_fx.tools.cli import config_from_args
 
     rep = inspect(args.model_name or args.model, config_from_args(args), prompt_len=args.prompt_len,
                   batch=args.batch, dtype=args.dtype)

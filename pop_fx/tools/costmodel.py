@@ -45,7 +45,7 @@ BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2}
 
 # The paper's reported candidate-region overhead at γ = 0.1 and 20% total reduction (for comparison only).
 PAPER_OVERHEAD = {"Llama2-7B": 0.0285, "Llama3.1-8B": 0.0348}
-# Decoder shapes of those models (public configs): the 20%-total FFN sparsity comes from pop_fx.budget.
+# Decoder shapes of those models (public configs): the 20%-total FFN sparsity comes from pop_fx.tools.budget.
 PAPER_SHAPES = {
     "Llama2-7B": dict(d_model=4096, d_ff=11008, n_layers=32, n_heads=32, n_kv_heads=32),
     "Llama3.1-8B": dict(d_model=4096, d_ff=14336, n_layers=32, n_heads=32, n_kv_heads=8),
@@ -224,12 +224,12 @@ def evaluate(expr: sympy.Expr, *, d_model: int, d_ff: int, sparsity: float, cand
 def paper_comparison(candidate_ratio: float = 0.1, total_reduction: float = 0.2) -> list[dict]:
     """Our overhead next to the paper's for Llama2-7B and Llama3.1-8B (a comparison, not a target).
 
-    r is the FFN sparsity that removes ``total_reduction`` of the decoder parameters (pop_fx.budget), as in the
+    r is the FFN sparsity that removes ``total_reduction`` of the decoder parameters (pop_fx.tools.budget), as in the
     paper's Table 8. Besides our measure (fraction of dense FFN FLOPs), two other plausible denominators are
     listed: the static-mask FFN of the same n_keep, and all matmul FLOPs of a decoder layer (attention
     projections + FFN; the attention scores depend on the context length and are left out).
     """
-    from pop_fx.budget import ffn_sparsity_for_total
+    from pop_fx.tools.budget import ffn_sparsity_for_total
 
     rows = []
     for name, shp in PAPER_SHAPES.items():

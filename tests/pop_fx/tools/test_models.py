@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from pop_fx import PopConfig, reference
-from pop_fx.agreement import decode_logits, next_token_agreement
-from pop_fx.models import TINY_FAMILIES, load_model, parse_dtype, tiny_config, tiny_model
+from pop_fx.tools.agreement import decode_logits, next_token_agreement
+from pop_fx.tools.models import TINY_FAMILIES, load_model, parse_dtype, tiny_config, tiny_model
 
-TEXT = Path(__file__).parents[2] / "../shared/data/web_bible.txt"
+TEXT = Path(__file__).parents[3] / "../shared/data/web_bible.txt"
 
 
 def test_tiny_models_are_seeded_and_in_eval_mode():

@@ -1,10 +1,10 @@
-"""pop_fx.budget against the paper's Table 8 and by hand-counted shapes."""
+"""pop_fx.tools.budget against the paper's Table 8 and by hand-counted shapes."""
 
 import pytest
 import sympy
 from transformers import GPT2Config, LlamaConfig, MixtralConfig
 
-from pop_fx.budget import SYMBOLS, decoder_parameter_counts, ffn_sparsity_for_model, ffn_sparsity_for_total, sparsity_expression
+from pop_fx.tools.budget import SYMBOLS, decoder_parameter_counts, ffn_sparsity_for_model, ffn_sparsity_for_total, sparsity_expression
 
 LLAMA2_7B = dict(d_model=4096, d_ff=11008, n_layers=32, n_heads=32)
 

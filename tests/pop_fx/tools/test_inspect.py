@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from pop_fx import PopConfig
-from pop_fx.cli import main
-from pop_fx.html_report import svg_graph
-from pop_fx.inspect import inspect
-from pop_fx.models import tiny_model
+from pop_fx.tools.cli import main
+from pop_fx.tools.html_report import svg_graph
+from pop_fx.tools.inspect import inspect
+from pop_fx.tools.models import tiny_model
 from pop_fx.partition import partition_sizes
 
 CFG = PopConfig(sparsity=0.5, candidate_ratio=0.2)

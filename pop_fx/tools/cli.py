@@ -14,10 +14,10 @@ import sys
 from pop_fx.config import PopConfig
 
 SUBCOMMANDS = {
-    "demo": "pop_fx.demo",
-    "eval": "pop_fx.evaluation",
-    "bench": "pop_fx.bench",
-    "inspect": "pop_fx.inspect",
+    "demo": "pop_fx.tools.demo",
+    "eval": "pop_fx.tools.evaluation",
+    "bench": "pop_fx.tools.bench",
+    "inspect": "pop_fx.tools.inspect",
 }
 
 
