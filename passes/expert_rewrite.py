@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-import pop_fx.expert_ops  # noqa: F401  (registers torch.ops.pop.experts_*)
+import pop_fx.ops  # noqa: F401  (registers torch.ops.pop)
 from pop_fx import expert_state as _experts
 from pop_fx import state as _state
 from pop_fx.config import PopConfig

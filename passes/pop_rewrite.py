@@ -184,7 +184,7 @@ def gate_source(m: SiteMatch) -> int | None:
 
 def proxy_support(m: SiteMatch) -> tuple[int, int] | str:
     """(gate source index, activation code) of a decode site the candidate proxy handles, or why not."""
-    from pop_fx.kernels.proxy import ACTIVATIONS
+    from pop_fx.activations import ACTIVATIONS
 
     if m.kind != "gated":
         return f"candidate_proxy: {m.kind} site (gated FFNs with separate gate and up projections only)"

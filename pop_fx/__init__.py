@@ -31,6 +31,6 @@ def __getattr__(name):
     # Submodules that pull in transformers load on first use, so `import pop_fx` stays light.
     import importlib
 
-    if name in ("reference", "sites", "kernels", "tools"):
+    if name in ("reference", "sites", "tools"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'pop_fx' has no attribute {name!r}")

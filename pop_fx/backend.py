@@ -46,14 +46,14 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 @functools.lru_cache(maxsize=1)
 def _source_hash() -> str:
-    """Hash of every source file of ``pop_fx`` and ``passes``: the passes, the ops and the kernels they lower to."""
+    """Hash of the runtime's source files (``pop_fx`` but its tools, and ``passes``): the passes, the ops and
+    the kernels they lower to."""
     import passes
 
-    from pop_fx import kernels
-
     files = []
-    for pkg in (passes, kernels, sys.modules[__package__]):
-        files += [f for d in pkg.__path__ for f in Path(d).glob("*.py")]
+    for pkg in (passes, sys.modules[__package__]):
+        for d in pkg.__path__:
+            files += [f for f in Path(d).rglob("*.py") if "tools" not in f.relative_to(d).parts]
     h = hashlib.sha256()
     for f in sorted(set(files)):
         h.update(f.name.encode())

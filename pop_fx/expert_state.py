@@ -2,7 +2,7 @@
 
 Keyed like every site's state (``pop_fx.state``): by the module's ``down_proj`` Parameter
 [E, H, I] and the config; each expert e is a site of its own, identified by that Parameter
-plus e. The tensors are described in ``pop_fx.expert_ops``.
+plus e. The tensors are described in ``pop_fx.ops.experts_prefill``.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pop_fx import expert_ops
+from pop_fx.ops.layout import write_expert_partition
 from pop_fx import state as _state
 from pop_fx.config import PopConfig
-from pop_fx.partition import PartitionSizes, down_column_norm, partition_sizes
+from pop_fx.partition import PartitionSizes, down_column_norm, expert_scores, partition_sizes
 
 EXPERT_STATE_NAMES = ("wd_norm", "rc_idx", "wd_norm_c", "dense", "w_in", "wd_t")
 
@@ -41,10 +41,10 @@ class ExpertsState:
         rows = torch.zeros(0, dtype=torch.bool, device=dn.device)
         with torch.no_grad():
             for e in range(self.num_experts):
-                s = expert_ops.expert_scores(rows.new_zeros((0, self.d_ff)), rows, t["wd_norm"][e], gu[e], empty_dense)
+                s = expert_scores(rows.new_zeros((0, self.d_ff)), rows, t["wd_norm"][e], gu[e], empty_dense)
                 dense = torch.full((G,), s is None, dtype=torch.bool, device=dn.device)
                 s = torch.zeros_like(t["wd_norm"][e]) if s is None else s
-                expert_ops.write_expert_partition(e, s.expand(G, -1), dense, self.sizes, gu, dn, t["wd_norm"],
+                write_expert_partition(e, s.expand(G, -1), dense, self.sizes, gu, dn, t["wd_norm"],
                                                   t["rc_idx"], t["wd_norm_c"], t["dense"], t["w_in"], t["wd_t"])
 
     @property

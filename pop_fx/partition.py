@@ -150,6 +150,18 @@ def select(h_c: torch.Tensor, wd_norm_c: torch.Tensor, n_select: int, per_sequen
     return top_k(candidate_scores(h_c, wd_norm_c, per_sequence), n_select)
 
 
+def candidate_topk(h_c: torch.Tensor, wd_norm_c: torch.Tensor, k: int, per_sequence: bool = False) -> torch.Tensor:
+    """Positions within C of the k best candidates ([k], or [B, k] per sequence), in no particular order.
+
+    The compiled decode ops' selection: ``torch.topk`` on every device (n_C is a few hundred to a few
+    thousand values, where the vendor top-k is one small launch and Inductor calls it without a Python round
+    trip). It returns the same set as ``select`` (the stable-sort definition) except among candidates whose
+    scores are exactly equal at the boundary.
+    """
+    scores = candidate_scores(h_c, wd_norm_c.reshape(-1) if not per_sequence else wd_norm_c, per_sequence)
+    return torch.topk(scores, k, dim=-1, sorted=False).indices
+
+
 def weight_only_scores(wd_norm: torch.Tensor, w_in_rows: list[torch.Tensor]) -> torch.Tensor:
     """Data-free importance ||Wd[:, j]|| · Π ||W_in[j, :]|| (POP_SPEC's fallback for an expert with no prefill token)."""
     s = wd_norm.float()
@@ -158,12 +170,28 @@ def weight_only_scores(wd_norm: torch.Tensor, w_in_rows: list[torch.Tensor]) -> 
     return s
 
 
+
+def expert_scores(h: torch.Tensor, rows: torch.Tensor, wd_norm_e: torch.Tensor, gate_up_e: torch.Tensor, empty_dense: bool) -> torch.Tensor | None:
+    """Eq. 3 importance of one expert over ``rows`` of its tokens; POP_SPEC's fallback when none is valid.
+
+    Returns None for "leave this expert dense" (``empty_expert="dense"`` and no token).
+    """
+    if bool(rows.any()):
+        # where() rather than a multiply: a fully masked padding row may hold NaN, and NaN * 0 is NaN.
+        return importance(torch.where(rows[:, None], h.detach().float(), 0.0), wd_norm_e)
+    if empty_dense:
+        return None
+    return weight_only_scores(wd_norm_e, list(gate_up_e.chunk(2, dim=0)))
+
+
 __all__ = [
     "Partition",
     "PartitionSizes",
     "activation_norm",
     "candidate_scores",
     "down_column_norm",
+    "expert_scores",
+    "candidate_topk",
     "importance",
     "keep_set",
     "partition_sizes",

@@ -96,12 +96,13 @@ class _Proxy:
     q: torch.Tensor
     s: torch.Tensor
     act: int
-    """index into pop_fx.kernels.proxy.ACTIVATIONS"""
+    """index into pop_fx.activations.ACTIVATIONS"""
 
     def activations(self, x: torch.Tensor, d_ff: int) -> torch.Tensor:
         """H̃ of every channel for the token rows x [N, d_model] ([N, d_ff], fp32): the dequantized copy's math
         as one matmul (the compiled ops compute the same products as a fused reduction)."""
-        from pop_fx.kernels.proxy import activation, dequantize
+        from pop_fx.activations import activation
+        from pop_fx.lowbit import dequantize
 
         w = dequantize(self.q, self.s, x.shape[-1]).to(x.device)
         z = x.float() @ w.t()
@@ -111,7 +112,7 @@ class _Proxy:
 
 def proxy_support(site: FFNSite) -> tuple[torch.Tensor, torch.Tensor, int] | str:
     """(gate weight, up weight, activation index) of a site the candidate proxy handles, or why not."""
-    from pop_fx.kernels.proxy import ACTIVATIONS, activation
+    from pop_fx.activations import ACTIVATIONS, activation
 
     if site.kind not in ("gated", "shared_expert") or len(site.inputs) != 2:
         return f"candidate_proxy: {site.kind} site (gated FFNs with separate gate and up projections only)"
@@ -175,7 +176,7 @@ class _Pop:
                 continue  # r = 0 (or a site too small to prune): stays exactly dense
             st = SiteState(s, sizes, down_column_norm(s.down_weight, s.channel_dim))
             if config.candidate_proxy is not None:
-                from pop_fx.kernels.proxy import proxy_tables
+                from pop_fx.lowbit import proxy_tables
 
                 sup = proxy_support(s)
                 if isinstance(sup, str):

@@ -4,7 +4,7 @@ A site is identified by its down projection's Parameter (POP_SPEC), so the
 prefill graph and every decode graph of one model find the same state; two
 models, or one model compiled with two configs, never share any. The state's
 tensors are allocated once, written in place by the prefill graph and read by
-the decode graphs (see ``pop_fx.ops`` for their meaning).
+the decode graphs (``pop_fx.ops`` describes them).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.weak import WeakIdKeyDictionary  # tensors compare elementwise: key them by identity
 
-from pop_fx import ops
+from pop_fx.ops import layout
 from pop_fx.config import PopConfig
 from pop_fx.partition import PartitionSizes, down_column_norm, partition_sizes
 
@@ -44,8 +44,8 @@ class SiteState:
     """candidate_proxy: the int8 copy {"q": [gate; up] rows, "s": their scales}, made once from the weights"""
 
     def ensure_proxy(self, gate: torch.Tensor, up: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The site's proxy tables (``kernels.proxy.proxy_tables``), created on first use; constant afterwards."""
-        from pop_fx.kernels.proxy import proxy_tables
+        """The site's proxy tables (``pop_fx.lowbit.proxy_tables``), created on first use; constant afterwards."""
+        from pop_fx.lowbit import proxy_tables
 
         with _lock:
             if not self.proxy:
@@ -62,16 +62,16 @@ class SiteState:
         from pop_fx.partition import weight_only_scores
 
         w = self.weights
-        rows = ops._rows(w["w_a"], self.flags)
-        ins = [rows[: self.d_ff], rows[self.d_ff:]] if self.flags & ops.FUSED else [rows]
+        rows = layout.weight_rows(w["w_a"], self.flags)
+        ins = [rows[: self.d_ff], rows[self.d_ff:]] if self.flags & layout.FUSED else [rows]
         if w.get("w_b") is not None:
-            ins.append(ops._rows(w["w_b"], self.flags))
+            ins.append(layout.weight_rows(w["w_b"], self.flags))
         scores = weight_only_scores(self.wd_norm, ins)
         if self.config.scope == "sequence":
             scores = scores.expand(self.tensors["rc_idx"].shape[0], -1)
         t = self.tensors
         with torch.no_grad():
-            ops.write_partition(scores, self.sizes, w["wd"], w["w_a"], w.get("b_a"), w.get("w_b"), w.get("b_b"),
+            layout.write_partition(scores, self.sizes, w["wd"], w["w_a"], w.get("b_a"), w.get("w_b"), w.get("b_b"),
                                 self.wd_norm, t["rc_idx"], t["wd_norm_c"], t["w_in"], t["b_in"], t["wd_t"], self.flags)
 
     @property
@@ -95,8 +95,8 @@ def get_or_create(down_weight: torch.Tensor, config: PopConfig, *, kind: str, d_
             return st
         sizes = partition_sizes(d_ff, config.sparsity, config.candidate_ratio)
         dev = down_weight.device
-        wd_norm = down_column_norm(down_weight, 0 if flags & ops.CONV1D else -1).to(dev)
-        d_out = down_weight.shape[1] if flags & ops.CONV1D else down_weight.shape[0]
+        wd_norm = down_column_norm(down_weight, 0 if flags & layout.CONV1D else -1).to(dev)
+        d_out = down_weight.shape[1] if flags & layout.CONV1D else down_weight.shape[0]
         n_rc = sizes.n_R + sizes.n_C
         S = config.max_batch_size if config.scope == "sequence" else 1
         batch = config.scope == "batch"

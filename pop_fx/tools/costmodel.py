@@ -121,7 +121,7 @@ def proxy_expressions(kind: str = "gated", proxy: str = "int8") -> dict[str, sym
 
     Keys: proxy_bytes, bytes_ratio (to dense). The per-row scales (4·m_p·n_C bytes) are O(f), not counted.
     """
-    from pop_fx.kernels.proxy import BITS
+    from pop_fx.lowbit import BITS
 
     m = input_matrices(kind)
     if proxy not in BITS:

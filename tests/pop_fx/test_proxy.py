@@ -10,8 +10,10 @@ from pop_fx import PopConfig, reference
 from pop_fx.backend import rewrite_graph
 from pop_fx.tools.capture import capture_graphs
 from pop_fx.tools.evaluation import parse_methods
-from pop_fx.kernels.proxy import (ACTIVATIONS, dequantize, gather_in, pack_int3, proxy_activation, proxy_tables,
-                                  quantize_rows, quantize_rows_int3, unpack_int3)
+from pop_fx.activations import ACTIVATIONS
+from pop_fx.lowbit import dequantize, pack_int3, proxy_tables, quantize_rows, quantize_rows_int3, unpack_int3
+from pop_fx.ops.gather_in import gather_in
+from pop_fx.ops.proxy_select import proxy_activation
 from pop_fx.tools.models import tiny_model
 from pop_fx.partition import partition_sizes
 from passes.pop_rewrite import pop_ops_in

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pop_fx.kernels.candidate_topk import candidate_topk
+from pop_fx.partition import candidate_topk
 
 try:
     import triton
@@ -28,7 +28,7 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-from pop_fx.kernels.layout import CONV1D  # Conv1D stores Wd as [d_ff, d_out]
+from pop_fx.ops.layout import CONV1D  # Conv1D stores Wd as [d_ff, d_out]
 
 
 def keep_indices(h2: Tensor, wd_norm: Tensor, rc_idx: Tensor, n_R: int, n_select: int) -> Tensor:

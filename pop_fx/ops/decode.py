@@ -16,7 +16,7 @@ Three implementations, one contract:
   torch ops (CPU) or the Triton kernel (CUDA) inside its generated code.
 
 Candidate top-k uses ``torch.topk`` on every device: n_C is a few hundred to a few thousand values,
-where the vendor top-k is already one small launch (see candidate_topk.py).
+where the vendor top-k is already one small launch (``pop_fx.partition.candidate_topk``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pop_fx.kernels.candidate_topk import candidate_topk
+from pop_fx.partition import candidate_topk
 
 try:  # triton is a Linux-only dependency; the CPU path never needs it
     import triton

@@ -24,7 +24,7 @@ FUSED = 1
 CONV1D = 2
 
 
-def _rows(w: Tensor, flags: int) -> Tensor:
+def weight_rows(w: Tensor, flags: int) -> Tensor:
     """The weight as [channels(or 2·channels), in]: Conv1D stores it transposed."""
     return w.t() if flags & CONV1D else w
 
@@ -42,7 +42,7 @@ def write_in_layout(idx: Tensor, d_ff: int, w_a: Tensor, b_a: Tensor | None, w_b
 
     Gathers straight into the destination (``index_select(out=)``): no intermediate copy of the rows.
     """
-    wa = _rows(w_a, flags)
+    wa = weight_rows(w_a, flags)
     rows = in_rows(d_ff, idx, flags)
     n = rows.numel()
     torch.index_select(wa, 0, rows, out=w_in[:n])
@@ -51,11 +51,17 @@ def write_in_layout(idx: Tensor, d_ff: int, w_a: Tensor, b_a: Tensor | None, w_b
     else:
         b_in[:n].zero_()
     if w_b is not None:
-        torch.index_select(_rows(w_b, flags), 0, idx, out=w_in[n:])
+        torch.index_select(weight_rows(w_b, flags), 0, idx, out=w_in[n:])
         if b_b is not None:
             torch.index_select(b_b, 0, idx, out=b_in[n:])
         else:
             b_in[n:].zero_()
+
+
+def kept_rows(sel: Tensor, n_R: int, n_rc: int, n_in: int) -> Tensor:
+    """Layout rows of R then the chosen candidates, for each of the n_in input blocks."""
+    keep = torch.cat([torch.arange(n_R, device=sel.device), n_R + sel])
+    return torch.cat([keep + i * n_rc for i in range(n_in)])
 
 
 def write_partition(scores: Tensor, sizes: P.PartitionSizes, wd: Tensor, w_a: Tensor, b_a: Tensor | None,
@@ -78,3 +84,24 @@ def write_partition(scores: Tensor, sizes: P.PartitionSizes, wd: Tensor, w_a: Te
             torch.index_select(wd, 0, rc, out=wd_t)
         else:  # a column gather of [d_out, d_ff], then one transposing copy into channel-major rows
             wd_t.copy_(wd.index_select(1, rc).t())
+
+
+def expert_in_rows(rc: Tensor, d_ff: int) -> Tensor:
+    """Rows of gate_up [2I, H] that hold channels ``rc``: gate rows, then up rows."""
+    return torch.cat([rc, rc + d_ff], dim=-1)
+
+
+def write_expert_partition(e: int, scores: Tensor, dense_g: Tensor, sizes: P.PartitionSizes, gate_up: Tensor,
+                           down: Tensor, wd_norm: Tensor, rc_idx: Tensor, wd_norm_c: Tensor, dense: Tensor,
+                           w_in: Tensor, wd_t: Tensor) -> None:
+    """Split ``scores`` [G', I] of expert ``e`` into R/C/P for groups 0..G'-1 and write the state in place."""
+    d_ff = scores.shape[-1]
+    G = scores.shape[0]
+    part = P.split(scores, sizes)
+    rc = torch.cat([part.R, part.C], dim=-1)  # [G, n_RC]
+    rc_idx[e, :G].copy_(rc)
+    wd_norm_c[e, :G].copy_(wd_norm[e][part.C])
+    dense[e, :G].copy_(dense_g)
+    if w_in.numel():  # scope="batch": one group, laid out contiguously for decode
+        w_in[e].copy_(gate_up[e].index_select(0, expert_in_rows(rc[0], d_ff)))
+        wd_t[e].copy_(down[e].index_select(1, rc[0]).t())

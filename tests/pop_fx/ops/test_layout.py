@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pop_fx import partition as P
-from pop_fx.kernels.layout import CONV1D, FUSED, write_partition
+from pop_fx.ops.layout import CONV1D, FUSED, write_partition
 
 
 @pytest.mark.parametrize("flags", [0, FUSED, CONV1D])

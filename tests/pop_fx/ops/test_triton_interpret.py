@@ -37,7 +37,7 @@ def test_kernels_match_reference(cases):
 def test_decode_op_on_cuda_matches_reference():
     import torch
 
-    from pop_fx.kernels.decode_down import decode, decode_down_reference
+    from pop_fx.ops.decode import decode, decode_down_reference
 
     h = torch.randn(2, 1, 845, device="cuda")
     wd_t = torch.randn(845, 576, device="cuda")
@@ -50,7 +50,10 @@ def test_decode_op_on_cuda_matches_reference():
 def test_proxy_ops_on_cuda_match_their_cpu_bodies():
     import torch
 
-    from pop_fx.kernels.proxy import decode_sel, gather_in, proxy_select, quantize_rows
+    from pop_fx.lowbit import quantize_rows
+    from pop_fx.ops.decode_sel import decode_sel
+    from pop_fx.ops.gather_in import gather_in
+    from pop_fx.ops.proxy_select import proxy_select
 
     g = torch.Generator().manual_seed(0)
     d, d_ff, n_R, n_C, k = 64, 96, 10, 60, 20

@@ -6,10 +6,11 @@ import sys
 import torch
 
 from pop_fx import partition as P
-from pop_fx.kernels.decode_down import decode_down_triton
-from pop_fx.kernels.decode_seq import decode_seq_triton, keep_indices
-from pop_fx.kernels.layout import CONV1D
-from pop_fx.kernels.proxy import quantize_rows, rows_gemv_triton
+from pop_fx.lowbit import quantize_rows
+from pop_fx.ops.decode import decode_down_triton
+from pop_fx.ops.decode_seq import decode_seq_triton, keep_indices
+from pop_fx.ops.layout import CONV1D
+from pop_fx.ops.rows_gemv import rows_gemv_triton
 
 out = []
 for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -1,22 +1,11 @@
-"""The ``pop::`` custom ops that the graph rewrite inserts, each with its fake beside it.
+"""``pop::prefill``: importance, the partition into the site's state, the layouts, and the FFN's output.
 
-A site's state (see ``pop_fx.state``) enters the graphs as explicit tensors:
+    y = pop.prefill(H, attention_mask, Wd, bd, W_up…, b_up…, state…)     # was: down(H)
 
-* ``rc_idx`` [S, n_R + n_C] int64 — R then C, each in ascending channel order
-  (S = 1 under scope="batch", max_batch_size under scope="sequence");
-* ``wd_norm_c`` [S, n_C] fp32 — ||Wd[:, j]|| of the candidates, for per-step scoring;
-* ``w_in`` / ``b_in`` — the gate/up (or up) rows of R ∪ C laid out contiguously,
-  [n_in·(n_R+n_C), d_model] and its bias ("batch" scope; empty under "sequence");
-* ``wd_t`` [n_R+n_C, d_out] — the down projection's columns of R ∪ C, channel-major,
-  so a decode step's down projection reads contiguous rows ("batch" scope).
-
-The prefill op writes all of them in place; decode ops only read them. The
-user's Parameters are never modified. Every op calls ``pop_fx.partition`` for
-ranks and selection, like the eager reference does.
-
-Layout flags (``flags`` argument, a bit set):
-  FUSED  — ``w_a`` holds gate rows [0, d_ff) and up rows [d_ff, 2·d_ff) (Phi-3's gate_up_proj);
-  CONV1D — weights are stored [in, out] (GPT-2's Conv1D) instead of [out, in].
+H is the prefill tokens' intermediate activation (gate/up stay dense). The op scores every channel
+(Eq. 3, padding excluded), splits R/C/P, writes ``rc_idx``/``wd_norm_c`` and the R ∪ C layouts in place
+(``pop_fx.ops.layout``), and returns the down projection under the kept channels (the paper) or dense
+(``prefill="dense"``).
 """
 
 from __future__ import annotations
@@ -25,7 +14,7 @@ import torch
 from torch import Tensor
 
 from pop_fx import partition as P
-from pop_fx.kernels.layout import CONV1D, FUSED, _rows, write_partition  # noqa: F401  (flags and layout, shared)
+from pop_fx.ops.layout import CONV1D, write_partition
 
 
 def _down(h: Tensor, wd: Tensor, bd: Tensor | None, flags: int) -> Tensor:
@@ -38,11 +27,6 @@ def _down(h: Tensor, wd: Tensor, bd: Tensor | None, flags: int) -> Tensor:
 
 def _d_out(wd: Tensor, flags: int) -> int:
     return wd.shape[1] if flags & CONV1D else wd.shape[0]
-
-
-# --------------------------------------------------------------------------------------------
-# prefill: importance, partition into state, layouts, FFN output per config.prefill
-# --------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op(
@@ -100,13 +84,4 @@ def _(h, attention_mask, wd, bd, w_a, b_a, w_b, b_b, wd_norm, rc_idx, wd_norm_c,
     return h.new_empty(*h.shape[:-1], _d_out(wd, flags))
 
 
-# --------------------------------------------------------------------------------------------
-# decode ops live with their kernels (pop_fx/kernels/): importing them registers pop::decode, pop::decode_seq
-# --------------------------------------------------------------------------------------------
-
-from pop_fx.kernels.decode_down import decode, decode_down_reference  # noqa: E402
-from pop_fx.kernels.decode_seq import decode_seq, decode_seq_reference  # noqa: E402
-from pop_fx.kernels.proxy import decode_sel, gather_in, proxy_select  # noqa: E402
-
-__all__ = ["FUSED", "CONV1D", "prefill", "decode", "decode_down_reference", "decode_seq", "decode_seq_reference", "proxy_select", "gather_in", "decode_sel",
-           "write_partition"]
+__all__ = ["prefill"]

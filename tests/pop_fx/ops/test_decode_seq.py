@@ -5,8 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pop_fx import partition as P
-from pop_fx.kernels.decode_seq import decode_seq, keep_indices
-from pop_fx.kernels.layout import CONV1D
+from pop_fx.ops.decode_seq import decode_seq, keep_indices
+from pop_fx.ops.layout import CONV1D
 
 
 def _case(B, d_ff, n_R, n_C, N, seed, conv1d):

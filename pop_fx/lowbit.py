@@ -1,0 +1,80 @@
+"""Low-precision copies of gate/up rows for proxy-scored candidates (``PopConfig.candidate_proxy``).
+
+Made once from the weights alone (no data, no training): per-row symmetric int8 (``w ≈ q · s``,
+``s = max|w_row| / 127``) or per-row 3-bit packed in bit planes. The compiled proxy ops
+(``pop_fx.ops.proxy_select``), the eager reference and the cost model all read these definitions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+BITS = {"int8": 8, "int8-gate": 8, "int3": 3}
+"""bits per weight of each proxy copy (the cost model reads them)"""
+PROXIES = tuple(BITS)
+
+
+def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric int8: ``w ≈ q.float() * s[:, None]`` ([n, d] int8, [n] fp32). All-zero rows get s = 1."""
+    wf = w.detach().float()
+    s = wf.abs().amax(dim=-1) / 127.0
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round(wf / s[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, s
+
+
+def quantize_rows_int3(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric 3-bit, bit-plane packed: ([n, 3, ⌈d/8⌉] uint8, [n] fp32 scales); see ``pack_int3``."""
+    wf = w.detach().float()
+    s = wf.abs().amax(dim=-1) / 3.0
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round(wf / s[:, None]).clamp_(-3, 3).to(torch.int8)
+    return pack_int3(q), s
+
+
+def pack_int3(q: Tensor) -> Tensor:
+    """Values in [-3, 3] ([n, d] int8) -> 3 bit planes of u = q + 3, [n, 3, D8] uint8 with D8 = ⌈d/8⌉.
+
+    Bit i of byte j of plane p is bit p of element k = i·D8 + j: unpacking byte j by shifting 0..7 yields
+    8 runs of D8 consecutive elements, so the unpacked row is contiguous and the dot product vectorizes.
+    Exactly 3 bits per element (columns past d are padding: u = 3, value 0).
+    """
+    n, d = q.shape
+    d8 = -(-d // 8)
+    u = torch.full((n, 8 * d8), 3, dtype=torch.int32, device=q.device)
+    u[:, :d] = q.to(torch.int32) + 3
+    u = u.reshape(n, 8, d8)
+    shifts = torch.arange(8, dtype=torch.int32, device=q.device)[None, :, None]
+    planes = [(((u >> p) & 1) << shifts).sum(1) for p in range(3)]
+    return torch.stack(planes, dim=1).to(torch.uint8)
+
+
+def unpack_int3(packed: Tensor, d: int) -> Tensor:
+    """Inverse of ``pack_int3``: [n, 3, D8] uint8 -> [n, d] int values in [-3, 3] (int32)."""
+    n, _, d8 = packed.shape
+    shifts = torch.arange(8, dtype=torch.int32, device=packed.device)[None, :, None]
+    p = packed.to(torch.int32)
+    u = sum(((p[:, i, None, :] >> shifts) & 1) << i for i in range(3))
+    return u.reshape(n, 8 * d8)[:, :d] - 3
+
+
+def dequantize(q: Tensor, s: Tensor, d: int) -> Tensor:
+    """The proxy rows as fp32 [n, d] (int8 rows, or bit-plane packed int3 rows)."""
+    vals = unpack_int3(q, d) if q.dim() == 3 else q
+    return vals.float() * s[:, None]
+
+
+def proxy_tables(gate: Tensor, up: Tensor | None, proxy: str) -> tuple[Tensor, Tensor]:
+    """The site's proxy copy: rows [gate; up] ("int8", "int3") or [gate] ("int8-gate"), quantized per row."""
+    if proxy not in PROXIES:
+        raise ValueError(f"candidate_proxy={proxy!r} is invalid: allowed one of {list(PROXIES)}")
+    rows = [gate] if proxy == "int8-gate" or up is None else [gate, up]
+    quant = quantize_rows_int3 if proxy == "int3" else quantize_rows
+    q, s = zip(*(quant(w) for w in rows))
+    return torch.cat(q), torch.cat(s)
+
+
+
+__all__ = ["BITS", "PROXIES", "dequantize", "pack_int3", "proxy_tables", "quantize_rows", "quantize_rows_int3",
+           "unpack_int3"]

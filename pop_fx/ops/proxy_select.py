@@ -1,0 +1,89 @@
+"""Proxy-scored candidates (``PopConfig.candidate_proxy``): rank C from a cheap int8 copy, compute only R ∪ chosen.
+
+Beyond the paper. POP computes every candidate exactly and keeps the best; with a wide band that costs
+most of the dense FFN. Here each decode step
+
+    H̃_C   = act(x · G̃_Cᵀ) · (x · Ũ_Cᵀ)            ("int8": gate and up copies)   or   act(x · G̃_Cᵀ)  ("int8-gate")
+    S_t   = top_{n_select}( ||H̃_C||_rows · ||Wd[:, C]|| )          (partition.candidate_scores, as POP)
+    z     = x · W_in[R ∪ S_t]ᵀ                                       (exact gate/up, n_keep channels only)
+    y     = down over R ∪ S_t                                        (exact)
+
+G̃, Ũ are per-row symmetric int8 copies of the gate/up weights made once, from the weights alone (no data,
+no training): ``w ≈ q · s`` with ``s = max|w_row| / 127``. The active channel count is n_keep every step,
+like POP's. Three ops, one contract each, each with its torch body (the CPU path: Inductor traces it and
+fuses the row gathers into its reduction loops, so no gathered copy of a weight is materialized):
+
+* ``pop::proxy_select`` (this file) — proxy activations of C and the top-n_select positions within C;
+* ``pop::gather_in``    (gather_in.py) — exact gate/up rows of R (contiguous) and of the chosen candidates;
+* ``pop::decode_sel``   (decode_sel.py) — the down projection over R ∪ chosen.
+
+The copies themselves are made in ``pop_fx.lowbit``. On CUDA the row products run in ``rows_gemv``'s
+Triton kernel, which streams the gathered rows of the int8 copy (with their scales) without a copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pop_fx.activations import activation
+from pop_fx.ops.rows_gemv import on_cuda, rows_gemv_triton
+from pop_fx.partition import candidate_topk
+
+
+def _rows_dot(x2: Tensor, q: Tensor, s: Tensor, rows: Tensor) -> Tensor:
+    """x2 [B, d] · (q[rows] · s[rows])ᵀ -> [B, |rows|] in fp32, written as a reduction so the gather fuses."""
+    if q.dim() == 3:
+        return _planes_dot(x2, q, s, rows)
+    return (q[rows].float()[None] * x2.float()[:, None, :]).sum(-1) * s[rows]
+
+
+def _planes_dot(x2: Tensor, q: Tensor, s: Tensor, rows: Tensor) -> Tensor:
+    """The int3 product straight from the bit planes: Σ_k x_k·(u_k − 3) = Σ_p 2^p Σ_i Σ_j bit_i(P_p[j])·x[i·D8+j] − 3·Σ x.
+
+    Each of the 24 (plane, bit) terms is a reduction over D8 contiguous bytes with an affine index, which
+    Inductor vectorizes; unpacking to [rows, d] first makes it index by k // D8 and k % D8 (~5× slower on CPU).
+    """
+    planes = q[rows].to(torch.int32)  # [r, 3, D8]
+    d8 = planes.shape[-1]
+    xf = x2.float()
+    if xf.shape[-1] < 8 * d8:  # padding columns hold value 0: pad x with zeros to match
+        xf = F.pad(xf, (0, 8 * d8 - xf.shape[-1]))
+    acc = -3.0 * xf.sum(-1, keepdim=True)
+    for p in range(3):
+        for i in range(8):
+            bits = ((planes[:, p, :] >> i) & 1).float()
+            acc = acc + (bits[None] * xf[:, None, i * d8:(i + 1) * d8]).sum(-1) * float(1 << p)
+    return acc * s[rows]
+
+
+def proxy_activation(x2: Tensor, q: Tensor, s: Tensor, c_idx: Tensor, d_ff: int, act: int, both: bool) -> Tensor:
+    """H̃ of the channels ``c_idx`` for the rows of x2: act(g̃)·ũ, or act(g̃) for a gate-only proxy."""
+    h = activation(act)(_rows_dot(x2, q, s, c_idx))
+    if both:
+        h = h * _rows_dot(x2, q, s, c_idx + d_ff)
+    return h
+
+
+
+@torch.library.triton_op("pop::proxy_select", mutates_args=())
+def proxy_select(x: Tensor, q: Tensor, s: Tensor, rc_idx: Tensor, wd_norm_c: Tensor, n_R: int, n_select: int,
+                 d_ff: int, act: int) -> Tensor:
+    """Positions within C ([n_select], int64) of the candidates this step computes, ranked by the proxy."""
+    x2 = x.reshape(-1, x.shape[-1])
+    both = q.shape[0] == 2 * d_ff
+    c_idx = rc_idx[0, n_R:]
+    if not on_cuda(x) or q.dim() == 3:  # int3 bit planes: the torch body (Inductor generates the kernel)
+        h_c = proxy_activation(x2, q, s, c_idx, d_ff, act, both=both)
+    else:
+        rows = torch.cat([c_idx, c_idx + d_ff]) if both else c_idx
+        z = rows_gemv_triton(x2, q, rows, s, torch.float32, launch=torch.library.wrap_triton)
+        n_C = c_idx.numel()
+        h_c = activation(act)(z[:, :n_C])
+        if both:
+            h_c = h_c * z[:, n_C:]
+    return candidate_topk(h_c, wd_norm_c, n_select)
+
+
+__all__ = ["proxy_activation", "proxy_select"]
