@@ -7,7 +7,7 @@ The experts module's whole region is replaced by one op (the router, outside it,
     decode:   y = pop.experts_decode(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, state…)
                                       # each token through its chosen experts, R ∪ selected candidates
 
-State tensors (``pop_fx.expert_state``) enter as placeholders appended after every other,
+State tensors (``pop_fx.state.ExpertsState``) enter as placeholders appended after every other,
 like the dense sites' (``pop_rewrite.add_state_placeholders``), and the backend passes them.
 """
 
@@ -17,10 +17,10 @@ import torch
 import torch.fx as fx
 
 import pop_fx.ops  # noqa: F401  (registers torch.ops.pop)
-from pop_fx import expert_state as _experts
 from pop_fx import state as _state
 from pop_fx.config import PopConfig
-from pop_fx.expert_state import EXPERT_STATE_NAMES, ExpertsState
+from pop_fx.partition import partition_sizes
+from pop_fx.state import EXPERT_STATE_NAMES, ExpertsState
 
 from passes.match_experts import ExpertsMatch
 from passes.match_ffn import Skipped
@@ -69,7 +69,7 @@ def rewrite_experts(gm: fx.GraphModule, experts: list[ExpertsMatch], skipped: li
             _state.note(s.param, cfg, "expert", s.reason, path=s.path)
     tensors: list[torch.Tensor] = []
     for i, m in enumerate(experts):
-        z = _experts.partition_sizes(m.d_ff, cfg.sparsity, cfg.candidate_ratio)
+        z = partition_sizes(m.d_ff, cfg.sparsity, cfg.candidate_ratio)
         if z.is_dense:
             _state.note(m.param, cfg, "expert", "dense: every channel kept (sparsity 0)", path=m.path, matched=True)
             continue
@@ -77,7 +77,7 @@ def rewrite_experts(gm: fx.GraphModule, experts: list[ExpertsMatch], skipped: li
             _state.note(m.param, cfg, "expert", f"dense: d_ff={m.d_ff} too small for sparsity={cfg.sparsity} "
                         "(n_keep < 1)", path=m.path, matched=True)
             continue
-        st = _experts.get_or_create(m.gate_up_param, m.param, cfg)
+        st = _state.get_or_create_experts(m.gate_up_param, m.param, cfg)
         st.info.update(path=m.path, activation=m.activation, pattern=f"Experts[{m.implementation}]")
         nodes = add_state_placeholders(gm, st.tensors, f"pop_experts{i}", EXPERT_STATE_NAMES)
         kind = "decode" if m.is_decode else "prefill"

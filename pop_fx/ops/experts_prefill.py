@@ -5,7 +5,7 @@ One op replaces an experts module's whole computation (see ``passes/match_expert
 ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``. Each expert is its own POP site
 (POP_SPEC, Experts): its partition comes from the prefill tokens routed to it.
 
-State of one experts module (``pop_fx.expert_state``), G = 1 partition group under
+State of one experts module (``pop_fx.state.ExpertsState``), G = 1 partition group under
 scope="batch", max_batch_size under scope="sequence":
 
 * ``wd_norm``  [E, I] fp32 — ||Wd_e[:, j]||, weight-only, computed once;
