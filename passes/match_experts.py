@@ -30,10 +30,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from passes.match_ffn import SiteMatch, Skipped, _is_activation, _token_input, activation_name, param_of, val
+from pop_fx.activations import ACTIVATIONS
 
-# The activations an expert may use, by the name ``activation_name`` gives them.
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+from passes.match_ffn import Skipped
+from passes.nodes import activation_name, is_activation, param_of, token_input, val
+
 
 # Ops the known experts implementations (grouped_mm, batched_mm) put inside the experts module.
 # Anything else (a bias add, a post-expert norm, a clamp) leaves the block dense, never approximated.
@@ -176,7 +177,7 @@ def _experts_modules(graph: fx.Graph) -> dict[str, tuple[str, list[fx.Node]]]:
     return found
 
 
-def find_experts(gm: fx.GraphModule) -> tuple[list[ExpertsMatch], list[Skipped]]:
+def match_experts(gm: fx.GraphModule) -> tuple[list[ExpertsMatch], list[Skipped]]:
     """Every routed-experts block of the graph, and the ones left dense with the reason."""
     graph = gm.graph
     matches: list[ExpertsMatch] = []
@@ -236,7 +237,7 @@ def _match_region(graph: fx.Graph, key: str, path: str, params: list[fx.Node]) -
     outs = [n for n in region if any(u not in inside for u in n.users)]
     if len(outs) != 1 or val(outs[0]) is None or tuple(val(outs[0]).shape) != tuple(val(hidden[0]).shape):
         return Skipped(path, f"the experts module has {len(outs)} results used outside it, expected one [T, H]", down_p)
-    acts = [n for n in region if _is_activation(n)]
+    acts = [n for n in region if is_activation(n)]
     act = activation_name(acts)
     if len(acts) != 1 or act not in ACTIVATIONS:
         return Skipped(path, f"experts activation {act!r} ({len(acts)} activation nodes): supported {ACTIVATIONS}",
@@ -246,7 +247,7 @@ def _match_region(graph: fx.Graph, key: str, path: str, params: list[fx.Node]) -
     if not (isinstance(chunk, fx.Node) and chunk.target in ("chunk", torch.chunk) and a_in.args[1] == 0):
         return Skipped(path, "the activation does not read the first half of a chunk(2) of gate_up (an interleaved "
                              "or custom gate): not supported", down_p)
-    batch_source = _token_input(graph)
+    batch_source = token_input(graph)
     if batch_source is None:
         return Skipped(path, "the graph has no input_ids/inputs_embeds to tell batch from tokens", down_p)
     tokens = val(batch_source).shape[1]
@@ -254,24 +255,4 @@ def _match_region(graph: fx.Graph, key: str, path: str, params: list[fx.Node]) -
                         E, I, H, val(index[0]).shape[-1], act, _implementation(region), tokens, batch_source)
 
 
-def block_of(path: str) -> str:
-    """The block a module sits in: its parent path ("model.layers.0.mlp" for "model.layers.0.mlp.experts")."""
-    return path.rsplit(".", 1)[0] if "." in path else ""
-
-
-def site_kinds(sites: list[SiteMatch], experts: list) -> list[str]:
-    """Each dense site's report kind: "shared_expert" for a gated FFN beside routed experts, else its pattern's kind.
-
-    Evidence: the site's module path names a shared expert (Qwen2-MoE ``shared_expert``, DeepSeek
-    ``shared_experts``), or it sits in the same block as a routed-experts module of this graph
-    (``experts``: ExpertsMatch or Skipped entries, each with the experts module's path).
-    """
-    blocks = {block_of(e.path) for e in experts}
-    out = []
-    for m in sites:
-        shared = m.kind in ("gated", "fused_gated") and ("shared_expert" in m.path or block_of(m.path) in blocks)
-        out.append("shared_expert" if shared else m.kind)
-    return out
-
-
-__all__ = ["ACTIVATIONS", "ExpertsMatch", "block_of", "find_experts", "site_kinds"]
+__all__ = ["ACTIVATIONS", "ExpertsMatch", "match_experts"]

@@ -8,7 +8,7 @@ reference), so such blocks appear in the prefill graph only and are reported as 
 
 from __future__ import annotations
 
-from pop_fx.sites import VISION_REASON, _is_vision
+from pop_fx.sites import VISION_REASON, is_vision_path
 
 from passes.match_ffn import SiteMatch, Skipped
 
@@ -17,7 +17,7 @@ def split_vision_tower(sites: list[SiteMatch]) -> tuple[list[SiteMatch], list[Sk
     """(language-model sites, vision-tower blocks left dense with the reason)."""
     keep, vision = [], []
     for m in sites:
-        if _is_vision(m.path):
+        if is_vision_path(m.path):
             vision.append(Skipped(m.path, VISION_REASON, m.param))
         else:
             keep.append(m)

@@ -183,10 +183,10 @@ def report(model: torch.nn.Module, config: PopConfig | None = None) -> Report:
                 rep.dense.append({"path": path, "kind": nt["kind"], "reason": nt["reason"], "matched": nt["matched"]})
     # Vision towers never reach a decode graph (transformers' generate() even encodes images before the
     # compiled forward): list their FFNs from the live model, with POP_SPEC's reason.
-    from pop_fx.sites import VISION_REASON, find_sites
+    from pop_fx.sites import VISION_REASON, find_module_sites
 
     listed = {d["path"] for d in rep.dense}
-    for path, reason in find_sites(model)[1]:
+    for path, reason in find_module_sites(model)[1]:
         if reason == VISION_REASON and path not in listed:
             rep.dense.append({"path": path, "kind": None, "reason": reason, "matched": False})
     if vars(model).get("_pop_recompile_limit_hit"):
@@ -195,7 +195,7 @@ def report(model: torch.nn.Module, config: PopConfig | None = None) -> Report:
     # puts them in different graphs, where no pass can see the whole block) runs dense: say so.
     if cfg is not None:
         found = {s["path"] for s in rep.sites} | {d["path"] for d in rep.dense}
-        for site in find_sites(model)[0]:
+        for site in find_module_sites(model)[0]:
             if site.kind != "expert" and site.path not in found:
                 rep.warnings.append(f"{site.path}: FFN found in no graph the pop backend compiled (a graph break "
                                     "splits it, or it has not run yet): it runs dense")

@@ -17,7 +17,6 @@ import functools
 import hashlib
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,23 +24,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from pop_fx import state as _state
 from pop_fx.config import PopConfig
-from pop_fx.partition import partition_sizes
-from pop_fx.state import STATE_NAMES
-
-
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    g = fx.Graph()
-    val_map: dict[fx.Node, fx.Node] = {}
-    out = g.graph_copy(gm.graph, val_map)
-    g.output(out)
-    for old, new in val_map.items():
-        if old.op == "placeholder":
-            new._dynamo_source = getattr(old, "_dynamo_source", None)
-    gm2 = fx.GraphModule(gm, g)
-    gm2.meta = dict(gm.meta)
-    return gm2
 
 
 @functools.lru_cache(maxsize=1)
@@ -100,7 +83,9 @@ class PopCompiler:
         return passes_uuid(self.config)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
-        rw = rewrite_graph(gm, self.config)
+        from passes.pipeline import run_passes
+
+        rw = run_passes(gm, self.config)
         self.last = rw.counts
         if self.config.debug:
             print(f"[pop] graph: {rw.counts}")
@@ -137,94 +122,6 @@ class PopCompiler:
             return fn(*args, *state_tensors)
 
         return run
-
-
-@dataclass
-class Rewritten:
-    gm: fx.GraphModule
-    """a rewritten copy of Dynamo's graph (the original is untouched)"""
-    sites: list
-    skipped: list
-    state_tensors: list[torch.Tensor]
-    """the real tensors for the placeholders the rewrite appended, in order"""
-    counts: dict[str, int]
-
-
-def rewrite_graph(gm: fx.GraphModule, cfg: PopConfig) -> Rewritten:
-    """Match every site of ``gm`` and rewrite a copy: prefill graphs get pop::prefill, decode graphs R∪C + pop::decode."""
-    from passes.expert_rewrite import rewrite_experts
-    from passes.match_experts import find_experts, site_kinds
-    from passes.match_ffn import find_sites
-    from passes.match_vision import split_vision_tower
-    from passes.pop_rewrite import (add_state_placeholders, n_inputs, proxy_support, rewrite_decode,
-                                    rewrite_decode_proxy, rewrite_prefill, site_flags, site_weights)
-
-    if cfg.candidate_proxy is not None and cfg.scope != "batch":
-        raise ValueError(f"PopConfig.candidate_proxy={cfg.candidate_proxy!r} with scope={cfg.scope!r}: the compiled "
-                         "proxy ops serve scope='batch' only (pop_fx.reference.pruned runs both scopes)")
-
-    gm2 = copy_graph_module(gm)
-    sites, skipped = find_sites(gm2)
-    sites, vision = split_vision_tower(sites)  # a vision tower runs only in prefill: not a site
-    skipped = skipped + vision
-    experts, experts_skipped = find_experts(gm2)
-    kinds = site_kinds(sites, experts + experts_skipped)  # gated sites beside routed experts are shared experts
-    for s in skipped:
-        if s.param is not None:
-            _state.note(s.param, cfg, None, s.reason, path=s.path)
-    state_tensors: list[torch.Tensor] = []
-    counts = {"matched": len(sites), "skipped": len(skipped), "prefill": 0, "decode": 0}
-    for i, m in enumerate(sites):
-        kind = kinds[i]
-        sizes = partition_sizes(m.d_ff, cfg.sparsity, cfg.candidate_ratio)
-        if sizes.is_dense:
-            _state.note(m.param, cfg, kind, "dense: every channel kept (sparsity 0)", path=m.path, matched=True)
-            continue
-        if sizes.n_keep < 1:
-            _state.note(m.param, cfg, kind, f"dense: d_ff={m.d_ff} too small for sparsity={cfg.sparsity} "
-                        "(n_keep < 1)", path=m.path, matched=True)
-            continue
-        w_a, b_a, w_b, b_b = (_real(n) for n in site_weights(m))
-        st = _state.get_or_create(m.param, cfg, kind=kind, d_ff=m.d_ff, d_model=m.d_model, flags=site_flags(m),
-                                  n_in=n_inputs(m), in_dtype=w_a.dtype,
-                                  weights=dict(w_a=w_a, b_a=b_a, w_b=w_b, b_b=b_b))
-        st.info.update(pattern=m.pattern.name, activation=m.activation, path=m.path)
-        nodes = add_state_placeholders(gm2, st.tensors, f"pop_site{i}")
-        graph_kind = "decode" if m.is_decode else "prefill"
-        state_tensors.extend(st.tensors[name] for name in STATE_NAMES)
-        reason = "pop"
-        if m.is_decode and cfg.candidate_proxy is not None:
-            sup = proxy_support(m)
-            if isinstance(sup, str):  # exact candidate scoring (the paper's) for this site, reported
-                reason = f"pop ({sup}: candidates scored exactly)"
-                rewrite_decode(gm2, m, st, nodes)
-            else:
-                gate, act = sup
-                w = (w_a, w_b) if gate == 0 else (w_b, w_a)
-                tables = st.ensure_proxy(*w)
-                proxy_nodes = add_state_placeholders(gm2, tables, f"pop_site{i}_proxy", names=("q", "s"))
-                state_tensors.extend(tables[name] for name in ("q", "s"))
-                rewrite_decode_proxy(gm2, m, st, nodes, proxy_nodes, act)
-        else:
-            (rewrite_decode if m.is_decode else rewrite_prefill)(gm2, m, st, nodes)
-        st.graphs.add(graph_kind)
-        counts[graph_kind] += 1
-        _state.note(m.param, cfg, kind, reason, path=m.path, matched=True)
-    state_tensors.extend(rewrite_experts(gm2, experts, experts_skipped, cfg, counts))
-    gm2.graph.lint()
-    gm2.recompile()
-    return Rewritten(gm2, sites, skipped, state_tensors, counts)
-
-
-def _real(node: fx.Node | None) -> torch.Tensor | None:
-    """The real tensor behind a weight/bias placeholder (None for a missing bias)."""
-    if node is None:
-        return None
-    ga = node.meta.get("grapharg")
-    t = getattr(ga, "example", None)
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{node.name} is not a graph input with a real tensor")
-    return t
 
 
 def _fake_mode(example_inputs):

@@ -55,7 +55,7 @@ from pop_fx.partition import (
     split,
     weight_only_scores,
 )
-from pop_fx.sites import FFNSite, find_sites
+from pop_fx.sites import FFNSite, find_module_sites
 
 
 @dataclass
@@ -414,7 +414,7 @@ def _config(config: PopConfig | Mapping | None, fields: dict) -> PopConfig:
 def pruned(model: nn.Module, config: PopConfig | Mapping | None = None, **fields) -> Iterator[_Pop]:
     """Run ``model`` under eager POP inside the context; yields the policy (``.states`` per site path)."""
     cfg = _config(config, fields)
-    sites, _ = find_sites(model)
+    sites, _ = find_module_sites(model)
     policy = _Pop(model, cfg, sites)
     with _Session(model, policy, sites):
         yield policy
@@ -423,7 +423,7 @@ def pruned(model: nn.Module, config: PopConfig | Mapping | None = None, **fields
 @contextlib.contextmanager
 def masked(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Iterator[_Fixed]:
     """Apply a fixed bool keep-mask ([d_ff], True = computed) per site path at every forward."""
-    sites, _ = find_sites(model)
+    sites, _ = find_module_sites(model)
     policy = _Fixed(masks, sites)
     with _Session(model, policy, sites):
         yield policy

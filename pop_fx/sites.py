@@ -5,7 +5,7 @@ must agree (``gate_proj``/``up_proj`` produce ``d_ff`` channels and ``down_proj`
 consumes them), so an attention block that happens to own a ``c_proj`` or a
 router that happens to be called ``gate`` is never taken for an FFN.
 
-    sites, skipped = find_sites(model)
+    sites, skipped = find_module_sites(model)
 
 ``skipped`` lists (path, reason) for FFN-like blocks left alone, so a user can
 see why a block is not pruned.
@@ -91,7 +91,7 @@ def _io(m) -> tuple[int, int]:
     return w.shape[0], w.shape[1]
 
 
-def _is_vision(path: str) -> bool:
+def is_vision_path(path: str) -> bool:
     return any(word in part for part in path.lower().split(".") for word in _VISION_WORDS)
 
 
@@ -149,7 +149,7 @@ def _match_experts(path: str, module: nn.Module) -> tuple[list[FFNSite], str | N
     return [FFNSite(f"{path}.{e}", "expert", d_ff, module, None, -1, e) for e in range(E)], None
 
 
-def find_sites(model: nn.Module) -> tuple[list[FFNSite], list[tuple[str, str]]]:
+def find_module_sites(model: nn.Module) -> tuple[list[FFNSite], list[tuple[str, str]]]:
     """All POP sites of ``model`` in module order, plus (path, reason) for FFN-like blocks left alone."""
     sites: list[FFNSite] = []
     skipped: list[tuple[str, str]] = []
@@ -163,7 +163,7 @@ def find_sites(model: nn.Module) -> tuple[list[FFNSite], list[tuple[str, str]]]:
             if reason:
                 skipped.append((path, reason))
             continue
-        if _is_vision(path):
+        if is_vision_path(path):
             skipped.append((path, VISION_REASON))
             continue
         for s in found:
@@ -175,4 +175,4 @@ def find_sites(model: nn.Module) -> tuple[list[FFNSite], list[tuple[str, str]]]:
     return sites, skipped
 
 
-__all__ = ["FFNSite", "KINDS", "VISION_REASON", "find_sites"]
+__all__ = ["FFNSite", "KINDS", "VISION_REASON", "find_module_sites"]

@@ -69,10 +69,10 @@ class FFNStack(nn.Module):
 
 def sliced_copy(model: nn.Module, n_keep_of) -> nn.Module:
     """A copy of ``model`` whose every gated/plain FFN keeps only n_keep channels (the first ones: speed only)."""
-    from pop_fx.sites import find_sites
+    from pop_fx.sites import find_module_sites
 
     out = copy.deepcopy(model)
-    sites, _ = find_sites(out)
+    sites, _ = find_module_sites(out)
     for s in sites:
         if s.kind not in ("gated", "plain", "fused_gated"):
             continue

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from pop_fx.backend import copy_graph_module
+from passes.graph import copy_graph_module
 
 
 @dataclass

@@ -319,9 +319,9 @@ def _device_of(model: Any) -> torch.device:
 
 
 def _sites(model: Any) -> list[Any]:
-    from pop_fx.sites import find_sites
+    from pop_fx.sites import find_module_sites
 
-    found = find_sites(model)
+    found = find_module_sites(model)
     sites = found[0] if isinstance(found, tuple) else found
     if not sites:
         raise ValueError(f"{type(model).__name__} has no FFN site pop-fx can prune: allowed a model with FFN blocks")

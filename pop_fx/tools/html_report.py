@@ -116,7 +116,7 @@ def render(rep: "InspectReport") -> str:
          f"<h1>pop-fx inspect: {escape(rep.model)}</h1>",
          f'<p>r = {c["sparsity"]}, γ = {c["candidate_ratio"]}, scope = {escape(c["scope"])}, prefill = '
          f'{escape(c["prefill"])}; graphs of a greedy generate of {rep.batch}×{rep.prompt_len} prompt tokens + 2 new '
-         f'tokens, rewritten with <code>rewrite_graph</code> (no Inductor).</p>']
+         f'tokens, rewritten with <code>passes.pipeline.run_passes</code> (no Inductor).</p>']
 
     h.append('<h2>Graphs</h2><table id="graphs"><tr><th>#</th><th>kind</th><th>sites</th><th>left dense</th>'
              "<th>pop:: ops</th><th>nodes before → after</th></tr>")

@@ -4,7 +4,7 @@
     report = pop_fx.tools.inspect.inspect("llama", PopConfig(sparsity=0.5))
 
 The prefill and decode graphs of a short greedy ``generate()`` are captured
-(``pop_fx.tools.capture``) and each is rewritten with ``pop_fx.backend.rewrite_graph``
+(``pop_fx.tools.capture``) and each is rewritten with ``passes.pipeline.run_passes``
 (no Inductor). The report lists every site (module path, kind, pattern,
 activation, shapes, |R|/|C|/|P|), every FFN-like block left dense with the
 reason, the ``pop::`` ops per graph, and per site the ops between the FFN's
@@ -327,11 +327,11 @@ def _prompt(model: torch.nn.Module, batch: int, prompt_len: int) -> tuple[torch.
 def inspect(model_or_name: Any = "smollm2", config: PopConfig | dict | None = None, *, prompt_len: int = 8,
             batch: int = 1, dtype: str | torch.dtype = torch.float32) -> InspectReport:
     """Capture a short generate's graphs, rewrite each (no Inductor) and report sites, skips, ops and costs."""
-    from passes.match_ffn import find_sites, param_of
-    from passes.pop_rewrite import pop_ops_in
+    from passes.match_ffn import match_ffns
+    from passes.graph import pop_ops_in
 
     from pop_fx import state as _state
-    from pop_fx.backend import rewrite_graph
+    from passes.pipeline import run_passes
     from pop_fx.tools.capture import capture_graphs
     from pop_fx.tools.models import load_model
 
@@ -352,8 +352,8 @@ def inspect(model_or_name: Any = "smollm2", config: PopConfig | dict | None = No
     skipped: dict[tuple[str, str], dict] = {}
     graphs: list[GraphReport] = []
     for i, c in enumerate(captured):
-        before = {id(m.param): m for m in find_sites(c.gm)[0]}
-        rw = rewrite_graph(c.gm, cfg)
+        before = {id(m.param): m for m in match_ffns(c.gm)[0]}
+        rw = run_passes(c.gm, cfg)
         propagate_shapes(rw.gm, c.example_inputs, rw.state_tensors)
         kinds = {("decode" if m.is_decode else "prefill") for m in rw.sites}
         gkind = kinds.pop() if len(kinds) == 1 else "other"

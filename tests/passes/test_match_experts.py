@@ -5,11 +5,13 @@ import types
 import pytest
 import torch
 
-from passes.match_experts import find_experts, site_kinds
-from passes.match_ffn import find_sites
-from passes.pop_rewrite import pop_ops_in
+from passes.match_experts import match_experts
+from passes.name_shared_experts import name_shared_experts
+from passes.match_ffn import match_ffns
+from passes.graph import pop_ops_in
 from pop_fx import PopConfig
-from pop_fx.backend import copy_graph_module, rewrite_graph
+from passes.graph import copy_graph_module
+from passes.pipeline import run_passes
 from pop_fx.tools.capture import capture_graphs
 from pop_fx.tools.models import tiny_model
 
@@ -39,7 +41,7 @@ def qwen2_moe(request):
 def test_one_region_per_layer_with_its_interface(qwen2_moe):
     impl, model, (prefill, decode) = qwen2_moe
     for gm, is_decode in ((prefill, False), (decode, True)):
-        matches, skipped = find_experts(copy_graph_module(gm))
+        matches, skipped = match_experts(copy_graph_module(gm))
         assert skipped == []
         assert [m.path for m in matches] == [f"model.layers.{i}.mlp.experts" for i in range(2)]
         for i, m in enumerate(matches):
@@ -53,22 +55,22 @@ def test_one_region_per_layer_with_its_interface(qwen2_moe):
 def test_shared_expert_kind_from_the_routed_experts_beside_it(qwen2_moe):
     _, _, (prefill, _) = qwen2_moe
     gm = copy_graph_module(prefill)
-    sites, _ = find_sites(gm)
-    matches, _ = find_experts(gm)
+    sites, _ = match_ffns(gm)
+    matches, _ = match_experts(gm)
     assert [m.kind for m in sites] == ["gated", "gated"]  # the dense pattern
-    assert site_kinds(sites, matches) == ["shared_expert", "shared_expert"]
-    assert site_kinds(sites, []) == ["shared_expert", "shared_expert"]  # its path names it, too
+    assert name_shared_experts(sites, matches) == ["shared_expert", "shared_expert"]
+    assert name_shared_experts(sites, []) == ["shared_expert", "shared_expert"]  # its path names it, too
 
 
 def test_rewrite_replaces_the_whole_region(qwen2_moe):
     impl, _, (prefill, decode) = qwen2_moe
     inner = "grouped_mm_fallback" if impl == "grouped_mm" else "bmm"
     assert any(inner in t for t in _targets(prefill))
-    rw = rewrite_graph(prefill, CFG)
+    rw = run_passes(prefill, CFG)
     assert pop_ops_in(rw.gm) == {"prefill": 2, "experts_prefill": 2}
     assert not any(inner in t for t in _targets(rw.gm))
     assert rw.counts["experts_prefill"] == 2 and rw.counts["experts_decode"] == 0
-    rw = rewrite_graph(decode, CFG)
+    rw = run_passes(decode, CFG)
     assert pop_ops_in(rw.gm) == {"decode": 2, "experts_decode": 2}
     assert not any(inner in t for t in _targets(rw.gm))
     # the router stays: its softmax/top-k feed the op
@@ -77,7 +79,7 @@ def test_rewrite_replaces_the_whole_region(qwen2_moe):
 
 def test_sparsity_zero_rewrites_nothing(qwen2_moe):
     _, _, (prefill, _) = qwen2_moe
-    rw = rewrite_graph(prefill, CFG.replace(sparsity=0.0))
+    rw = run_passes(prefill, CFG.replace(sparsity=0.0))
     assert pop_ops_in(rw.gm) == {} and rw.state_tensors == []
 
 
@@ -91,8 +93,8 @@ def test_custom_gate_leaves_the_block_dense_with_the_op_named():
             return self.act_fn(g.clamp(max=7.0)) * u
         layer.mlp.experts._apply_gate = types.MethodType(gate, layer.mlp.experts)
     prefill, _ = _graphs(model)
-    matches, skipped = find_experts(copy_graph_module(prefill))
+    matches, skipped = match_experts(copy_graph_module(prefill))
     assert matches == []
     assert len(skipped) == 2 and all("clamp" in s.reason for s in skipped)
-    rw = rewrite_graph(prefill, CFG)
+    rw = run_passes(prefill, CFG)
     assert pop_ops_in(rw.gm) == {}

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from passes.match_ffn import PATTERNS, find_sites
-from pop_fx.backend import copy_graph_module
+from passes.match_ffn import PATTERNS, match_ffns
+from passes.graph import copy_graph_module
 from pop_fx.tools.capture import capture_graphs
 from pop_fx.tools.models import tiny_model
 
@@ -44,7 +44,7 @@ def test_every_ffn_layer_matches_once_per_graph(family_graphs):
     n_layers = model.config.num_hidden_layers
     assert len(graphs) >= 2, "expected a prefill and a decode graph"
     for cap in graphs:
-        sites, skipped = find_sites(cap.gm)
+        sites, skipped = match_ffns(cap.gm)
         assert len(sites) == n_layers, [s.path for s in sites]
         assert {s.kind for s in sites} == {kind}
         assert {s.pattern.name for s in sites} == {pattern}
@@ -53,15 +53,15 @@ def test_every_ffn_layer_matches_once_per_graph(family_graphs):
         d_ff = {s.d_ff for s in sites}
         assert len(d_ff) == 1
     prefill, decode = graphs[0], graphs[1]
-    assert not any(s.is_decode for s in find_sites(prefill.gm)[0])
-    assert all(s.is_decode for s in find_sites(decode.gm)[0])
+    assert not any(s.is_decode for s in match_ffns(prefill.gm)[0])
+    assert all(s.is_decode for s in match_ffns(decode.gm)[0])
 
 
 def test_sites_are_identified_by_the_down_parameter(family_graphs):
     family, model, graphs = family_graphs
     params = {id(p) for p in model.parameters()}
-    pre = [s.param for s in find_sites(graphs[0].gm)[0]]
-    dec = [s.param for s in find_sites(graphs[1].gm)[0]]
+    pre = [s.param for s in match_ffns(graphs[0].gm)[0]]
+    dec = [s.param for s in match_ffns(graphs[1].gm)[0]]
     assert all(id(p) in params for p in pre)
     assert [id(p) for p in pre] == [id(p) for p in dec]
 
@@ -104,13 +104,13 @@ def _graph_of(module, x):
 
 def test_plain_linear_ffn_matches():
     gm = _graph_of(_FFN(lambda h: torch.nn.functional.gelu(h)), torch.randn(2, 3, 16))
-    sites, skipped = find_sites(gm)
+    sites, skipped = match_ffns(gm)
     assert [s.pattern.name for s in sites] == ["PlainLinear"] and skipped == []
 
 
 def test_unknown_op_in_the_activation_is_left_dense_with_a_reason():
     gm = _graph_of(_FFN(lambda h: torch.cumsum(torch.relu(h), dim=-1)), torch.randn(2, 3, 16))
-    sites, skipped = find_sites(gm)
+    sites, skipped = match_ffns(gm)
     assert sites == []
     assert len(skipped) == 1 and "cumsum" in skipped[0].reason
 
@@ -127,10 +127,10 @@ def test_intermediate_used_outside_the_ffn_is_left_dense():
             return self.down(h), h.sum()
 
     gm = _graph_of(Leaky(), torch.randn(2, 3, 16))
-    sites, skipped = find_sites(gm)
+    sites, skipped = match_ffns(gm)
     assert sites == [] and len(skipped) == 1 and "outside the FFN" in skipped[0].reason
 
 
 def test_two_stacked_linears_without_activation_are_not_an_ffn():
     gm = _graph_of(_FFN(lambda h: h * 2.0), torch.randn(2, 3, 16))
-    assert find_sites(gm) == ([], [])
+    assert match_ffns(gm) == ([], [])

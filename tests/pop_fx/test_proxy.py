@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import pop_fx
 from pop_fx import PopConfig, reference
-from pop_fx.backend import rewrite_graph
+from passes.pipeline import run_passes
 from pop_fx.tools.capture import capture_graphs
 from pop_fx.tools.evaluation import parse_methods
 from pop_fx.activations import ACTIVATIONS
@@ -16,7 +16,7 @@ from pop_fx.ops.gather_in import gather_in
 from pop_fx.ops.proxy_select import proxy_activation
 from pop_fx.tools.models import tiny_model
 from pop_fx.partition import partition_sizes
-from passes.pop_rewrite import pop_ops_in
+from passes.graph import pop_ops_in
 
 CFG = PopConfig(sparsity=0.5, candidate_ratio=0.8, candidate_proxy="int8")
 GEN = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -184,11 +184,11 @@ def test_decode_graph_ops_before_and_after():
     model = tiny_model("llama")
     ids = _ids()
     decode = capture_graphs(model, ids["input_ids"], ids["attention_mask"], max_new_tokens=2)[-1].gm
-    rw = rewrite_graph(decode, CFG)
+    rw = run_passes(decode, CFG)
     n = model.config.num_hidden_layers
     assert rw.counts["decode"] == n
     assert pop_ops_in(rw.gm) == {"proxy_select": n, "gather_in": n, "decode_sel": n}
-    exact = rewrite_graph(decode, CFG.replace(candidate_proxy=None))
+    exact = run_passes(decode, CFG.replace(candidate_proxy=None))
     assert pop_ops_in(exact.gm) == {"decode": n}
 
 

@@ -7,7 +7,7 @@ from pop_fx import PopConfig, reference
 from pop_fx.tools.agreement import decode_logits
 from pop_fx.tools.models import tiny_model
 from pop_fx.partition import importance, partition_sizes, split, top_k, weight_only_scores
-from pop_fx.sites import find_sites
+from pop_fx.sites import find_module_sites
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma3", "phi3", "gpt2", "opt", "mixtral", "qwen2_moe"]
 
@@ -49,7 +49,7 @@ def prompts(n=2, length=7, seed=0):
 
 @pytest.mark.parametrize("family", list(EXPECTED_SITES))
 def test_sites_kinds_and_counts(models, family):
-    sites, skipped = find_sites(models(family))
+    sites, skipped = find_module_sites(models(family))
     counts = {}
     for s in sites:
         counts[s.kind] = counts.get(s.kind, 0) + 1
@@ -65,7 +65,7 @@ def test_vision_tower_is_skipped(models):
     model.vision_tower = torch.nn.Module()
     model.vision_tower.mlp = models("llama").model.layers[0].mlp
     model.lm = models("llama").model.layers[1]
-    sites, skipped = find_sites(model)
+    sites, skipped = find_module_sites(model)
     assert [s.path for s in sites] == ["lm.mlp"]
     assert skipped == [("vision_tower.mlp", "vision tower runs only in prefill")]
 
@@ -73,7 +73,7 @@ def test_vision_tower_is_skipped(models):
 def test_shape_disagreement_is_reported_not_a_site():
     block = torch.nn.Module()
     block.gate_proj, block.up_proj, block.down_proj = torch.nn.Linear(8, 16), torch.nn.Linear(8, 12), torch.nn.Linear(16, 8)
-    sites, skipped = find_sites(block)
+    sites, skipped = find_module_sites(block)
     assert sites == [] and len(skipped) == 1 and "shapes disagree" in skipped[0][1]
 
 
@@ -93,7 +93,7 @@ def _count_decode_channels(model, cfg, ids):
     counts = []
     with reference.pruned(model, cfg) as policy:
         handles = []
-        for s in find_sites(model)[0]:
+        for s in find_module_sites(model)[0]:
             if s.down is not None:
                 handles.append(s.down.register_forward_pre_hook(
                     lambda m, a, p=s.path: counts.append((p, (a[0].reshape(-1, a[0].shape[-1]) != 0).sum(-1)))
@@ -114,7 +114,7 @@ def test_half_sparsity_prunes_and_restores(models, family, scope):
     cfg = PopConfig(sparsity=0.5, scope=scope)
     counts, logits, policy = _count_decode_channels(model, cfg, ids)
     assert not torch.equal(logits, dense)
-    sites = find_sites(model)[0]
+    sites = find_module_sites(model)[0]
     for s in sites:
         n_keep = partition_sizes(s.d_ff, 0.5, 0.1).n_keep
         st = policy.states[s.path]
@@ -136,7 +136,7 @@ def test_half_sparsity_prunes_and_restores(models, family, scope):
 def test_prefill_mask_is_keep_set_of_eq3_importance(models):
     model = models("llama")
     ids = prompts(length=6)
-    site = find_sites(model)[0][0]
+    site = find_module_sites(model)[0][0]
     seen = []
     handle = site.down.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))  # runs before POP's hook
     with reference.pruned(model, sparsity=0.5) as policy:
@@ -179,7 +179,7 @@ def test_padding_excluded_sequence_scope_matches_alone(models, family):
 
 def test_padding_tokens_do_not_shape_the_partition(models):
     model = models("llama")
-    site = find_sites(model)[0][0]
+    site = find_module_sites(model)[0][0]
     ids = prompts(1, 6, seed=3)
     states = []
     for junk in (7, 150):  # different padding token values, same real tokens
@@ -218,7 +218,7 @@ def test_gamma_zero_decode_mask_is_the_prefill_mask(models):
 def test_masked_equals_zeroed_down_columns(models, family):
     model = models(family)
     ids = prompts(length=6)
-    sites = find_sites(model)[0]
+    sites = find_module_sites(model)[0]
     g = torch.Generator().manual_seed(0)
     masks = {s.path: torch.rand(s.d_ff, generator=g) > 0.5 for s in sites}
     with torch.no_grad():
@@ -275,7 +275,7 @@ def test_expert_without_prefill_tokens_uses_the_fallback(models, empty_expert):
             decode_logits(model, prompts(length=7), 5)
     finally:
         restore()
-    site = next(s for s in find_sites(model)[0] if s.path == "model.layers.0.mlp.experts.3")
+    site = next(s for s in find_module_sites(model)[0] if s.path == "model.layers.0.mlp.experts.3")
     st = policy.states[site.path]
     if empty_expert == "dense":
         assert st.dense is True and st.R is None

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import pop_fx
-from passes.pop_rewrite import pop_ops_in
+from passes.graph import pop_ops_in
 from pop_fx import PopConfig
-from pop_fx.backend import rewrite_graph
+from passes.pipeline import run_passes
 from pop_fx.tools.models import TINY_VLM_FAMILIES, tiny_vlm, vlm_inputs
 from pop_fx.reference import pruned
 from pop_fx.sites import VISION_REASON
@@ -68,7 +68,7 @@ def test_vision_tower_traced_by_a_compiled_forward_stays_dense():
     graphs = []
 
     def capture(gm, example_inputs, **_):
-        graphs.append(rewrite_graph(gm, PopConfig(**CFG, lowering="eager")))
+        graphs.append(run_passes(gm, PopConfig(**CFG, lowering="eager")))
         return gm.forward
 
     model.compile(backend=capture)

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from pop_fx.tools import evaluation as ev
-from pop_fx.config import PopConfig
 
 P, T = 6, 5
 
@@ -164,9 +163,9 @@ def test_masks_keep_n_keep_best_channels():
 
 
 def test_wanda_sp_scores_follow_the_formula(model, text):
-    from pop_fx.sites import find_sites
+    from pop_fx.sites import find_module_sites
 
-    sites = find_sites(model)[0]
+    sites = find_module_sites(model)[0]
     _, calib, _ = ev.make_windows(ByteTokenizer(), text, n_windows=1, length=P + T, calib_windows=2)
     scores = ev.wanda_sp_scores(model, sites, calib, batch_size=1)
     site = sites[0]

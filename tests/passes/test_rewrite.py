@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from passes.pop_rewrite import pop_ops_in
+from passes.graph import pop_ops_in
 from pop_fx import PopConfig
-from pop_fx.backend import rewrite_graph
+from passes.pipeline import run_passes
 from pop_fx.tools.capture import capture_graphs
 from pop_fx.tools.models import tiny_model
 
@@ -14,7 +14,7 @@ FAMILIES = ["llama", "phi3", "gpt2", "opt"]
 
 def _linears_reading(gm, params):
     """Projection nodes (linear/addmm) whose weight placeholder is one of ``params``."""
-    from passes.match_ffn import addmm_parts, linear_parts, param_of
+    from passes.nodes import addmm_parts, linear_parts, param_of
 
     ids = {id(p) for p in params}
     out = 0
@@ -34,9 +34,9 @@ def graphs(request):
 
 
 def _ffn_params(model):
-    from pop_fx.sites import find_sites
+    from pop_fx.sites import find_module_sites
 
-    sites, _ = find_sites(model)
+    sites, _ = find_module_sites(model)
     ups, downs = [], []
     for s in sites:
         downs.append(s.down.weight)
@@ -54,7 +54,7 @@ def test_prefill_graph_ops_before_and_after(graphs):
     ups, downs = _ffn_params(model)
     cfg = PopConfig(sparsity=0.5, candidate_ratio=0.2, lowering="eager")
     before = caps[0].gm
-    rw = rewrite_graph(before, cfg)
+    rw = run_passes(before, cfg)
     assert rw.counts == {"matched": n, "skipped": 0, "prefill": n, "decode": 0}
     assert pop_ops_in(before) == {}
     assert pop_ops_in(rw.gm) == {"prefill": n}
@@ -68,7 +68,7 @@ def test_decode_graph_ops_before_and_after(graphs):
     model, caps = graphs
     n = model.config.num_hidden_layers
     ups, downs = _ffn_params(model)
-    rw = rewrite_graph(caps[1].gm, PopConfig(sparsity=0.5, candidate_ratio=0.2, lowering="eager"))
+    rw = run_passes(caps[1].gm, PopConfig(sparsity=0.5, candidate_ratio=0.2, lowering="eager"))
     assert rw.counts["decode"] == n and rw.counts["prefill"] == 0
     assert pop_ops_in(rw.gm) == {"decode": n}
     # Neither the original gate/up nor the down weights are read while decoding: only the R∪C layouts.
@@ -79,13 +79,13 @@ def test_decode_graph_ops_before_and_after(graphs):
 def test_sequence_scope_decode_uses_per_sequence_ops(graphs):
     model, caps = graphs
     n = model.config.num_hidden_layers
-    rw = rewrite_graph(caps[1].gm, PopConfig(sparsity=0.5, scope="sequence", lowering="eager"))
+    rw = run_passes(caps[1].gm, PopConfig(sparsity=0.5, scope="sequence", lowering="eager"))
     assert pop_ops_in(rw.gm) == {"decode_seq": n}
 
 
 def test_sparsity_zero_rewrites_nothing(graphs):
     model, caps = graphs
-    rw = rewrite_graph(caps[1].gm, PopConfig(sparsity=0.0, lowering="eager"))
+    rw = run_passes(caps[1].gm, PopConfig(sparsity=0.0, lowering="eager"))
     assert rw.counts["matched"] == model.config.num_hidden_layers
     assert rw.counts["decode"] == 0 and rw.state_tensors == [] and pop_ops_in(rw.gm) == {}
 
@@ -93,7 +93,7 @@ def test_sparsity_zero_rewrites_nothing(graphs):
 def test_rewrite_leaves_dynamos_graph_untouched(graphs):
     _, caps = graphs
     before = caps[1].gm.code
-    rewrite_graph(caps[1].gm, PopConfig(lowering="eager"))
+    run_passes(caps[1].gm, PopConfig(lowering="eager"))
     assert caps[1].gm.code == before
 
 
@@ -102,3 +102,19 @@ def test_uuid_changes_with_config():
 
     assert passes_uuid(PopConfig(sparsity=0.5)) != passes_uuid(PopConfig(sparsity=0.4))
     assert passes_uuid(PopConfig(sparsity=0.5)) == passes_uuid(PopConfig(sparsity=0.5))
+
+
+def test_pipeline_runs_its_passes_in_order_and_counts_them(graphs):
+    from passes.pipeline import PASSES
+
+    model, caps = graphs
+    rw = run_passes(caps[0].gm, PopConfig(sparsity=0.5, lowering="eager"))
+    assert [name for name, _ in rw.passes] == [p.name for p in PASSES] == [
+        "match_ffn", "match_vision", "match_experts", "name_shared_experts", "decide", "rewrite_prefill",
+        "rewrite_decode", "rewrite_proxy", "rewrite_experts"]
+    n = len(_ffn_params(model)[1])
+    assert dict(rw.passes) == {"match_ffn": n, "match_vision": 0, "match_experts": 0, "name_shared_experts": 0,
+                               "decide": n, "rewrite_prefill": n, "rewrite_decode": 0, "rewrite_proxy": 0,
+                               "rewrite_experts": 0}
+    decode = dict(run_passes(caps[1].gm, PopConfig(sparsity=0.5, lowering="eager")).passes)
+    assert decode["rewrite_decode"] == n and decode["rewrite_prefill"] == 0

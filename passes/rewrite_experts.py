@@ -8,7 +8,7 @@ The experts module's whole region is replaced by one op (the router, outside it,
                                       # each token through its chosen experts, R ∪ selected candidates
 
 State tensors (``pop_fx.state.ExpertsState``) enter as placeholders appended after every other,
-like the dense sites' (``pop_rewrite.add_state_placeholders``), and the backend passes them.
+like the dense sites' (``passes.graph.add_state_placeholders``), and the backend passes them.
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ from pop_fx.state import EXPERT_STATE_NAMES, ExpertsState
 
 from passes.match_experts import ExpertsMatch
 from passes.match_ffn import Skipped
-from passes.pop_rewrite import _attention_mask, add_state_placeholders
-
-pop = torch.ops.pop
+from passes.graph import add_state_placeholders, attention_mask_input, pop
 
 
 def _replace_region(g: fx.Graph, m: ExpertsMatch, y: fx.Node) -> None:
@@ -37,19 +35,19 @@ def _replace_region(g: fx.Graph, m: ExpertsMatch, y: fx.Node) -> None:
         g.erase_node(n)
 
 
-def rewrite_prefill(gm: fx.GraphModule, m: ExpertsMatch, st: ExpertsState, s: dict[str, fx.Node]) -> None:
+def rewrite_experts_prefill(gm: fx.GraphModule, m: ExpertsMatch, st: ExpertsState, s: dict[str, fx.Node]) -> None:
     g, cfg, z = gm.graph, st.config, st.sizes
     with g.inserting_before(m.output):
         b = g.call_method("size", (m.batch_source, 0))
         y = g.call_function(pop.experts_prefill.default, (
-            m.hidden, m.top_k_index, m.top_k_weights, m.gate_up, m.down, _attention_mask(gm), b,
+            m.hidden, m.top_k_index, m.top_k_weights, m.gate_up, m.down, attention_mask_input(gm), b,
             s["wd_norm"], s["rc_idx"], s["wd_norm_c"], s["dense"], s["w_in"], s["wd_t"],
             z.n_keep, z.n_R, z.n_C, m.activation, cfg.scope == "sequence", cfg.prefill == "pruned",
             cfg.empty_expert == "dense"))
     _replace_region(g, m, y)
 
 
-def rewrite_decode(gm: fx.GraphModule, m: ExpertsMatch, st: ExpertsState, s: dict[str, fx.Node]) -> None:
+def rewrite_experts_decode(gm: fx.GraphModule, m: ExpertsMatch, st: ExpertsState, s: dict[str, fx.Node]) -> None:
     g, cfg, z = gm.graph, st.config, st.sizes
     with g.inserting_before(m.output):
         y = g.call_function(pop.experts_decode.default, (
@@ -81,7 +79,7 @@ def rewrite_experts(gm: fx.GraphModule, experts: list[ExpertsMatch], skipped: li
         st.info.update(path=m.path, activation=m.activation, pattern=f"Experts[{m.implementation}]")
         nodes = add_state_placeholders(gm, st.tensors, f"pop_experts{i}", EXPERT_STATE_NAMES)
         kind = "decode" if m.is_decode else "prefill"
-        (rewrite_decode if m.is_decode else rewrite_prefill)(gm, m, st, nodes)
+        (rewrite_experts_decode if m.is_decode else rewrite_experts_prefill)(gm, m, st, nodes)
         st.graphs.add(kind)
         counts[f"experts_{kind}"] += 1
         tensors.extend(st.tensors[name] for name in EXPERT_STATE_NAMES)

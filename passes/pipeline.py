@@ -1,0 +1,191 @@
+"""The pass pipeline of the ``pop`` backend: an ordered list of passes, run on a copy of Dynamo's graph.
+
+``PASSES`` is the order a reader follows (``passes/README.md`` shows it too). Each pass reads and extends one
+``_Run`` (the graph copy, the matches so far, the per-site decisions, the state tensors the rewrites
+appended) and returns its match count; ``run_passes`` records the counts and returns the rewritten copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from pop_fx import state as _state
+from pop_fx.config import PopConfig
+from pop_fx.state import STATE_NAMES
+
+from passes.decide import Decision, decide
+from passes.graph import add_state_placeholders, copy_graph_module
+from passes.match_experts import match_experts
+from passes.match_ffn import match_ffns
+from passes.match_vision import split_vision_tower
+from passes.name_shared_experts import name_shared_experts
+from passes.rewrite_decode import rewrite_decode
+from passes.rewrite_experts import rewrite_experts
+from passes.rewrite_prefill import rewrite_prefill
+from passes.rewrite_proxy import rewrite_decode_proxy
+
+
+@dataclass
+class Rewritten:
+    gm: fx.GraphModule
+    """a rewritten copy of Dynamo's graph (the original is untouched)"""
+    sites: list
+    skipped: list
+    state_tensors: list[torch.Tensor]
+    """the real tensors for the placeholders the rewrite appended, in order"""
+    counts: dict[str, int]
+    passes: list[tuple[str, int]] = field(default_factory=list)
+    """(pass name, its match count) in the order they ran"""
+
+
+@dataclass
+class _Run:
+    gm: fx.GraphModule
+    cfg: PopConfig
+    sites: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    experts: list = field(default_factory=list)
+    experts_skipped: list = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    plan: list[Decision] = field(default_factory=list)
+    state_tensors: list[torch.Tensor] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    does: str
+    """one line: what it matches or rewrites"""
+    run: Callable[[_Run], int] = field(repr=False, compare=False)
+
+
+def _match_ffn(r: _Run) -> int:
+    r.sites, r.skipped = match_ffns(r.gm)
+    return len(r.sites)
+
+
+def _match_vision(r: _Run) -> int:
+    r.sites, vision = split_vision_tower(r.sites)
+    r.skipped = r.skipped + vision
+    return len(vision)
+
+
+def _match_experts(r: _Run) -> int:
+    r.experts, r.experts_skipped = match_experts(r.gm)
+    return len(r.experts)
+
+
+def _name_shared(r: _Run) -> int:
+    r.kinds = name_shared_experts(r.sites, r.experts + r.experts_skipped)
+    return r.kinds.count("shared_expert")
+
+
+def _decide(r: _Run) -> int:
+    for s in r.skipped:
+        if s.param is not None:
+            _state.note(s.param, r.cfg, None, s.reason, path=s.path)
+    r.counts.update(matched=len(r.sites), skipped=len(r.skipped), prefill=0, decode=0)
+    r.plan = [decide(m, kind, r.cfg) for m, kind in zip(r.sites, r.kinds)]
+    for d in r.plan:
+        if d.action == "dense":
+            _state.note(d.site.param, r.cfg, d.kind, d.reason, path=d.site.path, matched=True)
+    return sum(d.action != "dense" for d in r.plan)
+
+
+def _site_state(r: _Run, d: Decision) -> tuple[_state.SiteState, dict[str, fx.Node]]:
+    """The site's state (created on first use) and its placeholders in this graph."""
+    m = d.site
+    w_a, b_a, w_b, b_b = (_real(n) for n in m.weights())
+    st = _state.get_or_create(m.param, r.cfg, kind=d.kind, d_ff=m.d_ff, d_model=m.d_model, flags=m.flags,
+                              n_in=m.n_inputs, in_dtype=w_a.dtype, weights=dict(w_a=w_a, b_a=b_a, w_b=w_b, b_b=b_b))
+    st.info.update(pattern=m.pattern.name, activation=m.activation, path=m.path)
+    nodes = add_state_placeholders(r.gm, st.tensors, f"pop_site{r.sites.index(m)}", STATE_NAMES)
+    r.state_tensors.extend(st.tensors[name] for name in STATE_NAMES)
+    return st, nodes
+
+
+def _rewritten(r: _Run, d: Decision, st: _state.SiteState, graph_kind: str) -> None:
+    st.graphs.add(graph_kind)
+    r.counts[graph_kind] += 1
+    _state.note(d.site.param, r.cfg, d.kind, d.reason, path=d.site.path, matched=True)
+
+
+def _rewrite_prefill(r: _Run) -> int:
+    todo = [d for d in r.plan if d.action == "prefill"]
+    for d in todo:
+        st, nodes = _site_state(r, d)
+        rewrite_prefill(r.gm, d.site, st, nodes)
+        _rewritten(r, d, st, "prefill")
+    return len(todo)
+
+
+def _rewrite_decode(r: _Run) -> int:
+    todo = [d for d in r.plan if d.action == "decode"]
+    for d in todo:
+        st, nodes = _site_state(r, d)
+        rewrite_decode(r.gm, d.site, st, nodes)
+        _rewritten(r, d, st, "decode")
+    return len(todo)
+
+
+def _rewrite_proxy(r: _Run) -> int:
+    todo = [d for d in r.plan if d.action == "proxy"]
+    for d in todo:
+        st, nodes = _site_state(r, d)
+        gate, act = d.proxy
+        w_a, _, w_b, _ = (_real(n) for n in d.site.weights())
+        tables = st.ensure_proxy(*((w_a, w_b) if gate == 0 else (w_b, w_a)))
+        proxy_nodes = add_state_placeholders(r.gm, tables, f"pop_site{r.sites.index(d.site)}_proxy", ("q", "s"))
+        r.state_tensors.extend(tables[name] for name in ("q", "s"))
+        rewrite_decode_proxy(r.gm, d.site, st, nodes, proxy_nodes, act)
+        _rewritten(r, d, st, "decode")
+    return len(todo)
+
+
+def _rewrite_experts(r: _Run) -> int:
+    r.state_tensors.extend(rewrite_experts(r.gm, r.experts, r.experts_skipped, r.cfg, r.counts))
+    return r.counts.get("experts_prefill", 0) + r.counts.get("experts_decode", 0)
+
+
+PASSES: tuple[Pass, ...] = (
+    Pass("match_ffn", "FFN sites by their down projection: passes/match_ffn.py PATTERNS", _match_ffn),
+    Pass("match_vision", "FFNs under a vision tower stay dense (they run only in prefill)", _match_vision),
+    Pass("match_experts", "routed-experts regions (3-D gate_up_proj/down_proj, grouped_mm or batched_mm)", _match_experts),
+    Pass("name_shared_experts", "gated sites beside routed experts are kind shared_expert", _name_shared),
+    Pass("decide", "per site: rewrite (prefill / decode / proxy) or dense, with the reason", _decide),
+    Pass("rewrite_prefill", "prefill graphs: down(H) -> pop.prefill (partition + layouts into the state)", _rewrite_prefill),
+    Pass("rewrite_decode", "decode graphs: gate/up over the R∪C layout, down -> pop.decode / pop.decode_seq", _rewrite_decode),
+    Pass("rewrite_proxy", "decode graphs, candidate_proxy: pop.proxy_select + pop.gather_in + pop.decode_sel", _rewrite_proxy),
+    Pass("rewrite_experts", "experts regions -> pop.experts_prefill / pop.experts_decode", _rewrite_experts),
+)
+
+
+def run_passes(gm: fx.GraphModule, cfg: PopConfig) -> Rewritten:
+    """Run ``PASSES`` on a copy of ``gm``: prefill graphs get pop::prefill, decode graphs R∪C + pop::decode."""
+    if cfg.candidate_proxy is not None and cfg.scope != "batch":
+        raise ValueError(f"PopConfig.candidate_proxy={cfg.candidate_proxy!r} with scope={cfg.scope!r}: the compiled "
+                         "proxy ops serve scope='batch' only (pop_fx.reference.pruned runs both scopes)")
+    r = _Run(copy_graph_module(gm), cfg)
+    done = [(p.name, p.run(r)) for p in PASSES]
+    r.gm.graph.lint()
+    r.gm.recompile()
+    return Rewritten(r.gm, r.sites, r.skipped, r.state_tensors, r.counts, done)
+
+
+def _real(node: fx.Node | None) -> torch.Tensor | None:
+    """The real tensor behind a weight/bias placeholder (None for a missing bias)."""
+    if node is None:
+        return None
+    ga = node.meta.get("grapharg")
+    t = getattr(ga, "example", None)
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{node.name} is not a graph input with a real tensor")
+    return t
+
+
+__all__ = ["PASSES", "Pass", "Rewritten", "run_passes"]

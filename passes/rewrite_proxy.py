@@ -1,0 +1,82 @@
+"""Rewrite a matched gated site's decode graph for proxy-scored candidates (``PopConfig.candidate_proxy``).
+
+    sel = pop.proxy_select(x, q, s, rc_idx, wd_norm_c, …)   # C ranked from the low-precision copy
+    z   = pop.gather_in(x, w_in, b_in, sel, …)              # exact gate/up over R ∪ chosen only
+    H   = act(z[:, :n_keep]) · z[:, n_keep:]                # the graph's own activation nodes
+    y   = pop.decode_sel(H, wd_t, bd, sel, n_R)             # was: down(H)
+
+``proxy_support`` says which sites qualify (separate gate and up projections, a known activation, the gate
+identifiable); the others keep the paper's exact candidate scoring and the report says why.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+import pop_fx.ops  # noqa: F401  (registers torch.ops.pop)
+from pop_fx.state import SiteState
+
+from passes.graph import pop, replace_down
+from passes.match_ffn import SiteMatch
+from passes.nodes import is_activation
+
+
+def gate_source(m: SiteMatch) -> int | None:
+    """Which of a gated site's two sources passes through the activation (the gate), or None if unclear."""
+    if m.kind != "gated" or len(m.sources) != 2:
+        return None
+    region = set(m.region)
+
+    def reach(start: fx.Node) -> set:
+        seen, stack = set(), [start]
+        while stack:
+            for u in stack.pop().users:
+                if u in region and u not in seen:
+                    seen.add(u)
+                    stack.append(u)
+        return seen
+
+    r0, r1 = (reach(s.leaf) for s in m.sources)
+    acts = (any(is_activation(n) for n in r0 - r1), any(is_activation(n) for n in r1 - r0))
+    return {(True, False): 0, (False, True): 1}.get(acts)
+
+
+def proxy_support(m: SiteMatch) -> tuple[int, int] | str:
+    """(gate source index, activation code) of a decode site the candidate proxy handles, or why not."""
+    from pop_fx.activations import ACTIVATIONS
+
+    if m.kind != "gated":
+        return f"candidate_proxy: {m.kind} site (gated FFNs with separate gate and up projections only)"
+    if m.activation not in ACTIVATIONS:
+        return f"candidate_proxy: activation {m.activation} not one of {', '.join(ACTIVATIONS)}"
+    gate = gate_source(m)
+    if gate is None:
+        return "candidate_proxy: cannot tell the gate projection from the up projection"
+    return gate, ACTIVATIONS.index(m.activation)
+
+
+def rewrite_decode_proxy(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state: dict[str, fx.Node],
+                         proxy: dict[str, fx.Node], act: int) -> None:
+    """Decode with proxy-scored candidates: rank C from the int8 copy, then gate/up/down over R ∪ chosen only."""
+    g = gm.graph
+    sizes = st.sizes
+    n_rc, n_keep = sizes.n_R + sizes.n_C, sizes.n_keep
+    x = m.sources[0].x
+    _, b_a, _, b_b = m.weights()
+    b_in = state["b_in"] if (b_a is not None or b_b is not None) else None
+    anchor = min((s.proj for s in m.sources), key=lambda n: list(g.nodes).index(n))
+    with g.inserting_before(anchor):
+        sel = g.call_function(pop.proxy_select.default, (x, proxy["q"], proxy["s"], state["rc_idx"],
+                                                         state["wd_norm_c"], sizes.n_R, sizes.n_select, st.d_ff, act))
+        z = g.call_function(pop.gather_in.default, (x, state["w_in"], b_in, sel, sizes.n_R, n_rc, 2))
+        parts = [g.call_function(torch.narrow, (z, -1, i * n_keep, n_keep)) for i in range(2)]
+    for s, p in zip(m.sources, parts):
+        s.leaf.replace_all_uses_with(p)
+    for s in m.sources:
+        for n in (s.leaf, s.proj):
+            if n in g.nodes and not n.users:
+                g.erase_node(n)
+    with g.inserting_before(m.down):
+        y = g.call_function(pop.decode_sel.default, (m.h, state["wd_t"], m.down_bias, sel, sizes.n_R))
+    replace_down(g, m, y)
