@@ -39,9 +39,9 @@ def compile(model: torch.nn.Module, config: PopConfig | dict | None = None, *, m
         def generate(*args, **kwargs):
             # A new generation never reads the previous one's partition (one-token prompts included).
             reset(model)
-            hits = _recompile_limit_hits()
+            hits = recompile_limit_hits()
             out = original(*args, **kwargs)
-            if _recompile_limit_hits() > hits:
+            if recompile_limit_hits() > hits:
                 vars(model)["_pop_recompile_limit_hit"] = True
                 warnings.warn(RECOMPILE_LIMIT_WARNING.format(torch._dynamo.config.recompile_limit), stacklevel=2)
             return out
@@ -65,7 +65,7 @@ RECOMPILE_LIMIT_WARNING = (
     "instead of POP's; raise the limit or keep shapes steady")
 
 
-def _recompile_limit_hits() -> int:
+def recompile_limit_hits() -> int:
     """How many frames Dynamo stopped compiling because of the recompile limit (a process-wide counter)."""
     from torch._dynamo.utils import counters
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from pop_fx.tools.timing import StepStamps
+
 VARIANTS = ("dense-eager", "dense-inductor", "sliced", "pop", "pop-full", "pop-proxy")
 DEFAULT_VARIANTS = VARIANTS[:5]
 
@@ -212,11 +214,10 @@ def bench_generate(model, tok, config, *, batch: int = 1, prompt: str | None = N
         decode rate is taken between the first and the last token of the same call (prefill excluded)."""
         from transformers import LogitsProcessorList
 
-        stamps = _step_stamps()
+        stamps = StepStamps()
         t0 = time.perf_counter()
         m.generate(**enc, max_new_tokens=n, min_new_tokens=n, logits_processor=LogitsProcessorList([stamps]), **kw)
-        t = stamps.t
-        return t[0] - t0, (len(t) - 1) / max(t[-1] - t[0], 1e-9) if len(t) > 1 else float("nan")
+        return stamps.t[0] - t0, stamps.decode_rate()
 
     with torch.no_grad():
         for v, m in built.items():  # compile every graph these lengths need
@@ -229,21 +230,6 @@ def bench_generate(model, tok, config, *, batch: int = 1, prompt: str | None = N
                 cells[v].times.append(rate)  # tokens/s
     _extra(built, cells)
     return cells
-
-
-def _step_stamps():
-    """A logits processor that records when each decode step's logits are ready."""
-    from transformers import LogitsProcessor
-
-    class StepStamps(LogitsProcessor):
-        def __init__(self):
-            self.t: list[float] = []
-
-        def __call__(self, input_ids, scores):
-            self.t.append(time.perf_counter())
-            return scores
-
-    return StepStamps()
 
 
 def _extra(built, cells):
@@ -316,13 +302,13 @@ def _run_cell(args, config, batch, dtype, variants) -> dict:
     # The variants are compiled copies of one model class, and Dynamo's recompile limit counts the graphs of
     # all of them against one code object: past it a variant would silently run uncompiled (and POP
     # unpruned). Give each variant the default allowance, and refuse to report a run that still hit it.
-    from pop_fx.api import _recompile_limit_hits
+    from pop_fx.api import recompile_limit_hits
 
     torch._dynamo.reset()
-    hits = _recompile_limit_hits()
+    hits = recompile_limit_hits()
     with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit * len(variants)):
         out = _measure_cell(args, config, batch, dtype, variants)
-    if _recompile_limit_hits() > hits:
+    if recompile_limit_hits() > hits:
         raise RuntimeError("pop-fx bench: Dynamo's recompile limit was hit, so some variant ran uncompiled; "
                            "the timings are void (run fewer variants per process)")
     return out

@@ -25,17 +25,16 @@ def _generate(model, tok, prompt: str, n: int, warmup: bool = False) -> tuple[to
     ``pop-fx bench``; POP's prefill also builds its layouts)."""
     from transformers import LogitsProcessorList
 
-    from pop_fx.tools.bench import _step_stamps
+    from pop_fx.tools.timing import StepStamps
 
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         if warmup:  # compile the prefill and decode graphs outside the timed run
             model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        stamps = _step_stamps()
+        stamps = StepStamps()
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                              logits_processor=LogitsProcessorList([stamps]))
-    t = stamps.t
-    return out[0], (len(t) - 1) / max(t[-1] - t[0], 1e-9) if len(t) > 1 else float("nan")
+    return out[0], stamps.decode_rate()
 
 
 def _compiled_runs(model, tok, prompts, n, config):

@@ -7,10 +7,8 @@ so the page opens anywhere, offline, and a test can render it in a headless brow
 from __future__ import annotations
 
 from html import escape
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from pop_fx.tools.inspect import InspectReport, SiteOps
+from pop_fx.tools.inspect_report import InspectReport, SiteOps, format_si
 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px; color: #1d1d1f; max-width: 1400px; }
@@ -34,7 +32,7 @@ def _box_width(lines: list[str]) -> float:
     return max(70.0, _CHAR * max(len(s) for s in lines) + 16)
 
 
-def svg_graph(ops: "SiteOps", state_names: set[str] | None = None) -> str:
+def svg_graph(ops: SiteOps, state_names: set[str] | None = None) -> str:
     """The subgraph as an SVG: inputs on top, each op one layer below its deepest input, arrows for edges."""
     state_names = state_names or set()
     op_names = {n.name for n in ops.nodes}
@@ -101,13 +99,7 @@ def _td(v, num: bool = False) -> str:
     return f'<td class="num">{escape(str(v))}</td>' if num else f"<td>{escape(str(v))}</td>"
 
 
-def _si(x: float, unit: str) -> str:
-    from pop_fx.tools.inspect import _si as si
-
-    return si(x, unit)
-
-
-def render(rep: "InspectReport") -> str:
+def render(rep: InspectReport) -> str:
     from pop_fx.state import STATE_NAMES
 
     c = rep.config
@@ -197,9 +189,9 @@ def _cost_html(costs: dict) -> str:
     if costs["sites"]:
         h.append(f'<table id="totals"><tr><th colspan="3">this model: {costs["sites"]} sites, batch {costs["batch"]}'
                  "</th></tr><tr><th></th><th>dense</th><th>POP</th></tr>"
-                 f"<tr>{_td('FLOPs')}{_td(_si(t['dense_flops'], 'FLOP'), True)}{_td(_si(t['pop_flops'], 'FLOP'), True)}</tr>"
-                 + "".join(f"<tr>{_td(f'weights read, {p}')}{_td(_si(t['dense_bytes'][p], 'B'), True)}"
-                           f"{_td(_si(t['pop_bytes'][p], 'B'), True)}</tr>" for p in t["dense_bytes"])
+                 f"<tr>{_td('FLOPs')}{_td(format_si(t['dense_flops'], 'FLOP'), True)}{_td(format_si(t['pop_flops'], 'FLOP'), True)}</tr>"
+                 + "".join(f"<tr>{_td(f'weights read, {p}')}{_td(format_si(t['dense_bytes'][p], 'B'), True)}"
+                           f"{_td(format_si(t['pop_bytes'][p], 'B'), True)}</tr>" for p in t["dense_bytes"])
                  + f"<tr>{_td('POP / dense FLOPs')}<td colspan=\"2\" class=\"num\">{t['flops_ratio']:.4f}</td></tr>"
                  f"<tr>{_td('candidate-region overhead')}<td colspan=\"2\" class=\"num\">"
                  f"{100 * t['overhead']:.2f}% of dense FFN FLOPs</td></tr></table>")

@@ -68,6 +68,6 @@ def test_run_cell_raises_the_recompile_limit_per_variant_and_refuses_a_run_that_
     bench._run_cell(argparse.Namespace(), PopConfig(), 1, torch.float32, ("dense-inductor", "sliced", "pop"))
     assert seen == [3 * default] and torch._dynamo.config.recompile_limit == default
     hits = iter([0, 1])
-    monkeypatch.setattr(api, "_recompile_limit_hits", lambda: next(hits))
+    monkeypatch.setattr(api, "recompile_limit_hits", lambda: next(hits))
     with pytest.raises(RuntimeError, match="recompile limit was hit"):
         bench._run_cell(argparse.Namespace(), PopConfig(), 1, torch.float32, ("pop",))

@@ -54,12 +54,13 @@ class _Dom(HTMLParser):
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
+    from pop_fx.tools.html_report import render
     from pop_fx.tools.inspect import inspect
 
     model = tiny_model("llama")
     rep = inspect(model, PopConfig(sparsity=0.5, candidate_ratio=0.1))
     path = tmp_path_factory.mktemp("html") / "inspect.html"
-    path.write_text(rep.to_html(), encoding="utf-8")
+    path.write_text(render(rep), encoding="utf-8")
     return model, rep, path
 
 
