@@ -9,7 +9,6 @@ import json
 from dataclasses import dataclass, field
 
 
-
 @dataclass
 class OpNode:
     """One node of a site's subgraph."""
