@@ -33,7 +33,7 @@ import torch.fx as fx
 from pop_fx.activations import ACTIVATIONS
 
 from passes.match_ffn import Skipped
-from passes.nodes import activation_name, is_activation, param_of, token_input, val
+from passes.nodes import activation_name, is_activation, is_symbolic_scalar, param_of, token_input, val
 
 
 # Ops the known experts implementations (grouped_mm, batched_mm) put inside the experts module.
@@ -86,12 +86,14 @@ class ExpertsMatch:
     tokens: object
     """new tokens per sequence (an int 1 in decode graphs)"""
     batch_source: fx.Node | None
+    cached: bool = True
+    """the graph reads a KV cache (``passes.classify_graph``); False in the first forward of a one-token prompt"""
 
     kind = "expert"
 
     @property
     def is_decode(self) -> bool:
-        return isinstance(self.tokens, int) and self.tokens == 1
+        return isinstance(self.tokens, int) and self.tokens == 1 and self.cached
 
 
 def _module_key(n: fx.Node) -> tuple[str, str, type] | None:
@@ -234,7 +236,9 @@ def _match_region(graph: fx.Graph, key: str, path: str, params: list[fx.Node]) -
     if len(hidden) != 1 or len(index) != 1 or len(weights) != 1 or len(tensors) != 3:
         return Skipped(path, "the experts module's inputs are not (hidden [T, H], top_k_index [T, k], top_k_weights "
                              f"[T, k]): got {[(a.name, tuple(val(a).shape)) for a in tensors]}", down_p)
-    outs = [n for n in region if any(u not in inside for u in n.users)]
+    # Results used outside the region. With dynamic shapes Dynamo computes a size expression (e.g. T·k) once
+    # and reuses it in the next layer's region: such symbolic scalars are shared, not results; they stay.
+    outs = [n for n in region if any(u not in inside for u in n.users) and not is_symbolic_scalar(n)]
     if len(outs) != 1 or val(outs[0]) is None or tuple(val(outs[0]).shape) != tuple(val(hidden[0]).shape):
         return Skipped(path, f"the experts module has {len(outs)} results used outside it, expected one [T, H]", down_p)
     acts = [n for n in region if is_activation(n)]

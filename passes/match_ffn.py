@@ -64,6 +64,8 @@ class SiteMatch:
     """tokens per sequence in this graph (an int 1 in decode graphs: Dynamo specializes 1)"""
     batch_source: fx.Node | None = None
     """for a token-flattened activation [B·L, d_ff] (OPT): the [B, L, ...] input that gives B"""
+    cached: bool = True
+    """the graph reads a KV cache (``passes.classify_graph``); False in the first forward of a one-token prompt"""
 
     @property
     def kind(self) -> str:
@@ -71,8 +73,9 @@ class SiteMatch:
 
     @property
     def is_decode(self) -> bool:
+        """One token per sequence on a non-empty cache (POP_SPEC): a one-token prompt's first forward is a prefill."""
         t = self.tokens
-        return isinstance(t, int) and t == 1
+        return isinstance(t, int) and t == 1 and self.cached
 
     @property
     def flags(self) -> int:

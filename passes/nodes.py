@@ -27,6 +27,14 @@ def val(n) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
+def is_symbolic_scalar(n) -> bool:
+    """A node whose value is a Python/symbolic number (a size expression under dynamic shapes), not a tensor."""
+    if not isinstance(n, fx.Node):
+        return False
+    v = n.meta.get("example_value", n.meta.get("val"))
+    return isinstance(v, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
 def param_of(n) -> torch.Tensor | None:
     """The real model Parameter behind a weight placeholder, or None."""
     if not isinstance(n, fx.Node) or n.op != "placeholder":

@@ -17,12 +17,14 @@ from pop_fx import state as _state
 from pop_fx.config import PopConfig
 from pop_fx.state import STATE_NAMES
 
+from passes.classify_graph import reads_kv_cache
 from passes.decide import Decision, decide
 from passes.graph import add_state_placeholders, copy_graph_module
 from passes.match_experts import match_experts
 from passes.match_ffn import match_ffns
 from passes.match_vision import split_vision_tower
 from passes.name_shared_experts import name_shared_experts
+from passes.nodes import token_input, val
 from passes.rewrite_decode import rewrite_decode
 from passes.rewrite_experts import rewrite_experts
 from passes.rewrite_prefill import rewrite_prefill
@@ -40,12 +42,20 @@ class Rewritten:
     counts: dict[str, int]
     passes: list[tuple[str, int]] = field(default_factory=list)
     """(pass name, its match count) in the order they ran"""
+    states: list = field(default_factory=list)
+    """the site states this graph reads (decode) or writes (prefill)"""
+    phase: str = "prefill"
+    """the graph's kind: "prefill" or "decode"."""
 
 
 @dataclass
 class _Run:
     gm: fx.GraphModule
     cfg: PopConfig
+    cached: bool = True
+    """the graph reads a KV cache: one token per sequence is then a decode step"""
+    phase: str = "prefill"
+    """"prefill" or "decode": which graph this is, for the report"""
     sites: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     experts: list = field(default_factory=list)
@@ -53,6 +63,7 @@ class _Run:
     kinds: list[str] = field(default_factory=list)
     plan: list[Decision] = field(default_factory=list)
     state_tensors: list[torch.Tensor] = field(default_factory=list)
+    states: list = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -64,8 +75,20 @@ class Pass:
     run: Callable[[_Run], int] = field(repr=False, compare=False)
 
 
+def _classify_graph(r: _Run) -> int:
+    r.cached = reads_kv_cache(r.gm)
+    ids = token_input(r.gm.graph)
+    tokens = val(ids).shape[1] if ids is not None else None
+    r.phase = "decode" if isinstance(tokens, int) and tokens == 1 and r.cached else "prefill"
+    return int(r.phase == "decode")
+
+
 def _match_ffn(r: _Run) -> int:
     r.sites, r.skipped = match_ffns(r.gm)
+    for m in r.sites:
+        m.cached = r.cached
+    if r.sites:  # the sites' own token count is the better evidence (a graph may have no input_ids)
+        r.phase = "decode" if r.sites[0].is_decode else "prefill"
     return len(r.sites)
 
 
@@ -77,6 +100,8 @@ def _match_vision(r: _Run) -> int:
 
 def _match_experts(r: _Run) -> int:
     r.experts, r.experts_skipped = match_experts(r.gm)
+    for m in r.experts:
+        m.cached = r.cached
     return len(r.experts)
 
 
@@ -88,12 +113,12 @@ def _name_shared(r: _Run) -> int:
 def _decide(r: _Run) -> int:
     for s in r.skipped:
         if s.param is not None:
-            _state.note(s.param, r.cfg, None, s.reason, path=s.path)
+            _state.note(s.param, r.cfg, None, s.reason, path=s.path, graph=r.phase)
     r.counts.update(matched=len(r.sites), skipped=len(r.skipped), prefill=0, decode=0)
     r.plan = [decide(m, kind, r.cfg) for m, kind in zip(r.sites, r.kinds)]
     for d in r.plan:
         if d.action == "dense":
-            _state.note(d.site.param, r.cfg, d.kind, d.reason, path=d.site.path, matched=True)
+            _state.note(d.site.param, r.cfg, d.kind, d.reason, path=d.site.path, matched=True, graph=r.phase)
     return sum(d.action != "dense" for d in r.plan)
 
 
@@ -106,13 +131,14 @@ def _site_state(r: _Run, d: Decision) -> tuple[_state.SiteState, dict[str, fx.No
     st.info.update(pattern=m.pattern.name, activation=m.activation, path=m.path)
     nodes = add_state_placeholders(r.gm, st.tensors, f"pop_site{r.sites.index(m)}", STATE_NAMES)
     r.state_tensors.extend(st.tensors[name] for name in STATE_NAMES)
+    r.states.append(st)
     return st, nodes
 
 
 def _rewritten(r: _Run, d: Decision, st: _state.SiteState, graph_kind: str) -> None:
     st.graphs.add(graph_kind)
     r.counts[graph_kind] += 1
-    _state.note(d.site.param, r.cfg, d.kind, d.reason, path=d.site.path, matched=True)
+    _state.note(d.site.param, r.cfg, d.kind, d.reason, path=d.site.path, matched=True, graph=graph_kind)
 
 
 def _rewrite_prefill(r: _Run) -> int:
@@ -148,11 +174,14 @@ def _rewrite_proxy(r: _Run) -> int:
 
 
 def _rewrite_experts(r: _Run) -> int:
-    r.state_tensors.extend(rewrite_experts(r.gm, r.experts, r.experts_skipped, r.cfg, r.counts))
+    tensors, states = rewrite_experts(r.gm, r.experts, r.experts_skipped, r.cfg, r.counts, r.phase)
+    r.state_tensors.extend(tensors)
+    r.states.extend(states)
     return r.counts.get("experts_prefill", 0) + r.counts.get("experts_decode", 0)
 
 
 PASSES: tuple[Pass, ...] = (
+    Pass("classify_graph", "decode graph = one token per sequence on a KV cache (a one-token prompt's first forward is a prefill)", _classify_graph),
     Pass("match_ffn", "FFN sites by their down projection: passes/match_ffn.py PATTERNS", _match_ffn),
     Pass("match_vision", "FFNs under a vision tower stay dense (they run only in prefill)", _match_vision),
     Pass("match_experts", "routed-experts regions (3-D gate_up_proj/down_proj, grouped_mm or batched_mm)", _match_experts),
@@ -174,7 +203,7 @@ def run_passes(gm: fx.GraphModule, cfg: PopConfig) -> Rewritten:
     done = [(p.name, p.run(r)) for p in PASSES]
     r.gm.graph.lint()
     r.gm.recompile()
-    return Rewritten(r.gm, r.sites, r.skipped, r.state_tensors, r.counts, done)
+    return Rewritten(r.gm, r.sites, r.skipped, r.state_tensors, r.counts, done, r.states, r.phase)
 
 
 def _real(node: fx.Node | None) -> torch.Tensor | None:

@@ -25,11 +25,23 @@ from pop_fx.state import EXPERT_STATE_NAMES, ExpertsState
 from passes.match_experts import ExpertsMatch
 from passes.match_ffn import Skipped
 from passes.graph import add_state_placeholders, attention_mask_input, pop
+from passes.nodes import is_symbolic_scalar
 
 
 def _replace_region(g: fx.Graph, m: ExpertsMatch, y: fx.Node) -> None:
     m.output.replace_all_uses_with(y)
+    inside = set(m.region)
+    # Under dynamic shapes another region may reuse a size expression computed in this one: keep it and
+    # whatever it reads here; erase the rest.
+    keep, stack = set(), [n for n in m.region if is_symbolic_scalar(n) and any(u not in inside for u in n.users)]
+    while stack:
+        n = stack.pop()
+        if n in inside and n not in keep:
+            keep.add(n)
+            stack.extend(n.all_input_nodes)
     for n in reversed(m.region):
+        if n in keep:
+            continue
         if n.users:
             raise RuntimeError(f"experts region of {m.path}: {n.name} is still used after the rewrite")
         g.erase_node(n)
@@ -58,22 +70,25 @@ def rewrite_experts_decode(gm: fx.GraphModule, m: ExpertsMatch, st: ExpertsState
 
 
 def rewrite_experts(gm: fx.GraphModule, experts: list[ExpertsMatch], skipped: list[Skipped], cfg: PopConfig,
-                    counts: dict[str, int]) -> list[torch.Tensor]:
-    """Rewrite every matched experts block; returns the real state tensors of the placeholders added, in order."""
+                    counts: dict[str, int], phase: str = "prefill") -> tuple[list[torch.Tensor], list[ExpertsState]]:
+    """Rewrite every matched experts block; returns the real state tensors of the placeholders added, in order,
+    and the states they belong to."""
     if experts or skipped:  # dense graphs keep the dense passes' counts unchanged
         counts.update(experts=len(experts), experts_skipped=len(skipped), experts_prefill=0, experts_decode=0)
     for s in skipped:
         if s.param is not None:
-            _state.note(s.param, cfg, "expert", s.reason, path=s.path)
+            _state.note(s.param, cfg, "expert", s.reason, path=s.path, graph=phase)
     tensors: list[torch.Tensor] = []
+    states: list[ExpertsState] = []
     for i, m in enumerate(experts):
         z = partition_sizes(m.d_ff, cfg.sparsity, cfg.candidate_ratio)
         if z.is_dense:
-            _state.note(m.param, cfg, "expert", "dense: every channel kept (sparsity 0)", path=m.path, matched=True)
+            _state.note(m.param, cfg, "expert", "dense: every channel kept (sparsity 0)", path=m.path, matched=True,
+                        graph=phase)
             continue
         if z.n_keep < 1:
             _state.note(m.param, cfg, "expert", f"dense: d_ff={m.d_ff} too small for sparsity={cfg.sparsity} "
-                        "(n_keep < 1)", path=m.path, matched=True)
+                        "(n_keep < 1)", path=m.path, matched=True, graph=phase)
             continue
         st = _state.get_or_create_experts(m.gate_up_param, m.param, cfg)
         st.info.update(path=m.path, activation=m.activation, pattern=f"Experts[{m.implementation}]")
@@ -83,5 +98,6 @@ def rewrite_experts(gm: fx.GraphModule, experts: list[ExpertsMatch], skipped: li
         st.graphs.add(kind)
         counts[f"experts_{kind}"] += 1
         tensors.extend(st.tensors[name] for name in EXPERT_STATE_NAMES)
-        _state.note(m.param, cfg, "expert", "pop", path=m.path, matched=True)
-    return tensors
+        states.append(st)
+        _state.note(m.param, cfg, "expert", "pop", path=m.path, matched=True, graph=kind)
+    return tensors, states

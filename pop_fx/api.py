@@ -157,6 +157,11 @@ def report(model: torch.nn.Module, config: PopConfig | None = None) -> Report:
             continue
         seen.add(id(p))
         path = name.rsplit(".", 2)[0] if name.count(".") >= 2 else name
+        notes = [n for c, ns in _state.notes_of(p).items() if cfg is None or c == cfg for n in ns]
+        pruned = [n for n in notes if n["reason"].startswith("pop")]
+        left_dense = [n for n in notes if not n["reason"].startswith("pop")]
+        # A site's reason when it differs from plain POP (e.g. candidates scored exactly under candidate_proxy).
+        special = sorted({n["reason"] for n in pruned if n["reason"] != "pop"})
         for c, st in _state.states_of(p).items():
             if cfg is not None and c != cfg:
                 continue
@@ -168,7 +173,7 @@ def report(model: torch.nn.Module, config: PopConfig | None = None) -> Report:
                     "path": row_path, "kind": kind, "activation": st.info.get("activation", ""),
                     "pattern": st.info.get("pattern", ""), "d_ff": st.d_ff, "n_keep": s.n_keep,
                     "n_R": s.n_R, "n_C": s.n_C, "n_P": s.n_P, "graphs": sorted(st.graphs),
-                    "extra_bytes": st.extra_bytes // len(rows),
+                    "reason": "; ".join(special) or "pop", "extra_bytes": st.extra_bytes // len(rows),
                 })
             if st.graphs == {"decode"}:
                 rep.warnings.append(f"{path}: decode graphs are pruned but no prefill graph was (a graph break or "
@@ -176,11 +181,14 @@ def report(model: torch.nn.Module, config: PopConfig | None = None) -> Report:
                                     "empty partition")
             elif st.graphs == {"prefill"}:
                 rep.warnings.append(f"{path}: only the prefill graph was rewritten; decode runs dense")
-        for c, nt in _state.notes_of(p).items():
-            if cfg is not None and c != cfg:
-                continue
-            if not nt["reason"].startswith("pop") and not _state.states_of(p).get(c):
-                rep.dense.append({"path": path, "kind": nt["kind"], "reason": nt["reason"], "matched": nt["matched"]})
+        site_path = left_dense[0]["path"] if left_dense and left_dense[0]["path"] else path
+        if left_dense and pruned:  # one graph pruned it, another ran it dense: its prefill and decode disagree
+            for n in left_dense:
+                rep.warnings.append(f"{site_path}: a {n['graph']} graph ran it unpruned ({n['reason']}) while "
+                                    f"{'/'.join(sorted({m['graph'] for m in pruned}))} graphs pruned it")
+        elif left_dense:
+            nt = left_dense[-1]
+            rep.dense.append({"path": path, "kind": nt["kind"], "reason": nt["reason"], "matched": nt["matched"]})
     # Vision towers never reach a decode graph (transformers' generate() even encodes images before the
     # compiled forward): list their FFNs from the live model, with POP_SPEC's reason.
     from pop_fx.sites import VISION_REASON, find_module_sites

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from pop_fx import state as _state
 from pop_fx.config import PopConfig
 
 
@@ -95,9 +96,10 @@ class PopCompiler:
             print("[pop] after:\n" + rw.gm.print_readable(print_output=False))
         if not rw.state_tensors:
             return self._lower(gm, list(example_inputs))
-        return self._lower(rw.gm, list(example_inputs), rw.state_tensors)
+        return self._lower(rw.gm, list(example_inputs), rw.state_tensors, rw.states, rw.phase)
 
-    def _lower(self, gm: fx.GraphModule, example_inputs: list, state_tensors: list[torch.Tensor] | None = None):
+    def _lower(self, gm: fx.GraphModule, example_inputs: list, state_tensors: list[torch.Tensor] | None = None,
+               states: list | None = None, phase: str = "prefill"):
         cfg = self.config
         state_tensors = state_tensors or []
         if cfg.lowering == "eager":
@@ -117,8 +119,12 @@ class PopCompiler:
             fn = compile_fx(gm, example_inputs + fakes, config_patches=patches)
         if not state_tensors:
             return fn
+        states = list({id(s): s for s in states or []}.values())  # one entry per state, in order
+        before_graph = _state.before_graph
+
         # compile_fx's forward takes unboxed arguments (it only inherits a `_boxed_call` attribute).
         def run(*args):
+            before_graph(states, phase)
             return fn(*args, *state_tensors)
 
         return run

@@ -44,6 +44,8 @@ class SiteState:
     """the site's real weights (w_a, b_a, w_b, b_b, wd): the data-free partition is computed from them"""
     proxy: dict = field(default_factory=dict)
     """candidate_proxy: the int8 copy {"q": [gate; up] rows, "s": their scales}, made once from the weights"""
+    stale: bool = False
+    """``reset`` ran and no prefill has written a partition since: a decode step first writes the data-free one"""
 
     def ensure_proxy(self, gate: torch.Tensor, up: torch.Tensor) -> dict[str, torch.Tensor]:
         """The site's proxy tables (``pop_fx.lowbit.proxy_tables``), created on first use; constant afterwards."""
@@ -85,7 +87,7 @@ _lock = threading.Lock()
 # down Parameter -> {PopConfig: SiteState}; weak so that a deleted model frees its state.
 _STATES: "WeakIdKeyDictionary[torch.Tensor, dict[PopConfig, SiteState]]" = WeakIdKeyDictionary()
 # any weight Parameter -> (site kind or None, reason) for the report
-_NOTES: "WeakIdKeyDictionary[torch.Tensor, dict[PopConfig, dict]]" = WeakIdKeyDictionary()
+_NOTES: "WeakIdKeyDictionary[torch.Tensor, dict[PopConfig, dict[tuple[str, str], dict]]]" = WeakIdKeyDictionary()
 
 
 def get_or_create(down_weight: torch.Tensor, config: PopConfig, *, kind: str, d_ff: int, d_model: int,
@@ -138,6 +140,8 @@ class ExpertsState:
     graphs: set = field(default_factory=set)
     info: dict = field(default_factory=dict)
     kind: str = "expert"
+    stale: bool = False
+    """``reset`` ran and no prefill has written a partition since (see ``SiteState.stale``)"""
 
     def initialize(self) -> None:
         """Every expert back to the data-free partition (or dense, per ``empty_expert``) until the next prefill."""
@@ -191,23 +195,40 @@ def get_or_create_experts(gate_up: torch.Tensor, down: torch.Tensor, config: Pop
 
 
 def note(weight: torch.Tensor, config: PopConfig, kind: str | None, reason: str, *, path: str = "",
-         matched: bool = False) -> None:
-    """Record what the backend did with the FFN-like block whose down weight is ``weight``."""
+         matched: bool = False, graph: str = "prefill") -> None:
+    """Record what one graph (``graph``: "prefill" or "decode") did with the FFN-like block whose down weight is
+    ``weight``. Every distinct (graph, reason) is kept, so the report can tell a block POP pruned in one graph
+    from one it pruned everywhere."""
     with _lock:
-        _NOTES.setdefault(weight, {})[config] = {"kind": kind, "reason": reason, "path": path, "matched": matched}
+        _NOTES.setdefault(weight, {}).setdefault(config, {})[(graph, reason)] = {
+            "kind": kind, "reason": reason, "path": path, "matched": matched, "graph": graph}
 
 
 def states_of(param: torch.Tensor) -> dict[PopConfig, SiteState]:
     return dict(_STATES.get(param, {}))
 
 
-def notes_of(param: torch.Tensor) -> dict[PopConfig, dict]:
-    return dict(_NOTES.get(param, {}))
+def notes_of(param: torch.Tensor) -> dict[PopConfig, list[dict]]:
+    """Per config, what each graph did with this block (one entry per distinct graph kind and reason)."""
+    return {c: list(v.values()) for c, v in _NOTES.get(param, {}).items()}
 
 
 def reset(model: torch.nn.Module) -> None:
-    """Forget every partition of ``model``: back to the data-free partition until the next prefill."""
+    """Forget every partition of ``model``: the next prefill writes a new one; a decode step that comes first
+    (its prefill ran uncompiled, say) prunes with the data-free partition. Costs nothing until then: the
+    partitions are only marked, so a new request pays no pass over the weights before its prefill."""
     with _lock:
         for p in model.parameters():
             for st in _STATES.get(p, {}).values():
-                st.initialize()
+                st.stale = True
+
+
+def before_graph(states: list, phase: str) -> None:
+    """Called by the backend before each call of a rewritten graph with the states it reads or writes."""
+    for st in states:
+        if st.stale:
+            if phase == "decode":
+                with _lock:
+                    if st.stale:
+                        st.initialize()
+            st.stale = False

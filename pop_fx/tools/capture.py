@@ -17,10 +17,11 @@ class Captured:
 
 
 def capture_graphs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   max_new_tokens: int = 2, **generate_kwargs) -> list[Captured]:
+                   max_new_tokens: int = 2, dynamic: bool | None = None, **generate_kwargs) -> list[Captured]:
     """The Dynamo graphs of one short greedy ``generate()`` (prefill first, then decode), run dense.
 
-    The model is compiled in place only for the call and restored afterwards.
+    The model is compiled in place only for the call and restored afterwards; ``dynamic`` is
+    ``torch.compile``'s (True: sizes symbolic from the first graph, as after a recompile on a new shape).
     """
     graphs: list[Captured] = []
 
@@ -31,7 +32,7 @@ def capture_graphs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
 
     torch._dynamo.reset()
     previous = model._compiled_call_impl
-    model.compile(backend=backend)
+    model.compile(backend=backend, dynamic=dynamic)
     try:
         with torch.no_grad():
             model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,

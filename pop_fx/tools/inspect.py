@@ -257,7 +257,7 @@ def inspect(model_or_name: Any = "smollm2", config: PopConfig | dict | None = No
             out = _replacement(m)
             if is_pop_op(out) or any(is_pop_op(a) for a in out.all_input_nodes):
                 s.rewritten.append(gkind)
-            s.reason = _state.notes_of(m.param).get(cfg, {}).get("reason", "")
+            s.reason = next((n["reason"] for n in _state.notes_of(m.param).get(cfg, []) if n["graph"] == gkind), "")
             b = before[key]
             s.ops[gkind] = {"before": site_ops(b.sources[0].x, b.down), "after": site_ops(m.sources[0].x, out, rewritten=True)}
         for sk in rw.skipped:

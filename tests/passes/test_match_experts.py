@@ -98,3 +98,18 @@ def test_custom_gate_leaves_the_block_dense_with_the_op_named():
     assert len(skipped) == 2 and all("clamp" in s.reason for s in skipped)
     rw = run_passes(prefill, CFG)
     assert pop_ops_in(rw.gm) == {}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_dynamic_shapes_share_a_size_expression_across_regions_and_every_region_is_rewritten(family):
+    # After a recompile on a new prompt length (or a second model of the class: Dynamo's automatic dynamic
+    # shapes), the token count is symbolic and Dynamo computes T·k once in layer 0's experts region and
+    # reuses it in layer 1's. That shared size is not a second result: both regions must still match.
+    model = tiny_model(family)
+    ids = torch.randint(3, 200, (1, 6), generator=torch.Generator().manual_seed(1))
+    caps = capture_graphs(model, ids, torch.ones_like(ids), max_new_tokens=2, dynamic=True)
+    prefill = caps[0].gm
+    matches, skipped = match_experts(copy_graph_module(prefill))
+    assert skipped == [] and len(matches) == 2
+    rw = run_passes(prefill, CFG)
+    assert pop_ops_in(rw.gm)["experts_prefill"] == 2

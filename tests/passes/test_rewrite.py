@@ -110,10 +110,10 @@ def test_pipeline_runs_its_passes_in_order_and_counts_them(graphs):
     model, caps = graphs
     rw = run_passes(caps[0].gm, PopConfig(sparsity=0.5, lowering="eager"))
     assert [name for name, _ in rw.passes] == [p.name for p in PASSES] == [
-        "match_ffn", "match_vision", "match_experts", "name_shared_experts", "decide", "rewrite_prefill",
+        "classify_graph", "match_ffn", "match_vision", "match_experts", "name_shared_experts", "decide", "rewrite_prefill",
         "rewrite_decode", "rewrite_proxy", "rewrite_experts"]
     n = len(_ffn_params(model)[1])
-    assert dict(rw.passes) == {"match_ffn": n, "match_vision": 0, "match_experts": 0, "name_shared_experts": 0,
+    assert dict(rw.passes) == {"classify_graph": 0, "match_ffn": n, "match_vision": 0, "match_experts": 0, "name_shared_experts": 0,
                                "decide": n, "rewrite_prefill": n, "rewrite_decode": 0, "rewrite_proxy": 0,
                                "rewrite_experts": 0}
     decode = dict(run_passes(caps[1].gm, PopConfig(sparsity=0.5, lowering="eager")).passes)

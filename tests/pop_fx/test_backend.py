@@ -164,22 +164,26 @@ def test_decompile_returns_the_dense_model():
     _assert_same(_generate(model, ids, mask), dense, atol=1e-6)
 
 
-def test_one_token_prompt_uses_the_data_free_partition_not_the_previous_one():
-    from pop_fx import partition as P
-    from pop_fx import state as S
+ENTRY_PATHS = {
+    "pop_fx.compile": lambda m, cfg: pop_fx.compile(m, **cfg),
+    "model.compile": lambda m, cfg: (m.compile(backend="pop", options=cfg), m)[1],
+}
 
+
+@pytest.mark.parametrize("path", sorted(ENTRY_PATHS))
+def test_one_token_prompt_partitions_from_its_own_token_on_every_entry_path(path):
+    # The first forward of a one-token prompt reads no KV cache: Dynamo traces it as a graph of its own, which
+    # the passes treat as a prefill (POP_SPEC). Before, it took the decode graph and pruned with whatever
+    # partition the previous generate() had left (model.compile) or the data-free one (pop_fx.compile).
     torch._dynamo.reset()
     cfg = dict(sparsity=0.5, candidate_ratio=0.2, lowering="eager")
+    model = ENTRY_PATHS[path](tiny_model("llama"), cfg)
     one = torch.tensor([[17]])
-    fresh = _generate(pop_fx.compile(tiny_model("llama"), **cfg), one, torch.ones_like(one))
-    model = pop_fx.compile(tiny_model("llama"), **cfg)
-    ids, mask = _prompt(model)
-    _generate(model, ids, mask)  # leaves a data-driven partition behind
-    after = _generate(model, one, torch.ones_like(one))
-    _assert_same(after, fresh, atol=1e-6)
-    # The state is the weight-norm partition of POP_SPEC's fallback.
-    mlp = model.model.layers[0].mlp
-    st = S.states_of(mlp.down_proj.weight)[PopConfig(**cfg)]
-    scores = P.weight_only_scores(P.down_column_norm(mlp.down_proj.weight), [mlp.gate_proj.weight, mlp.up_proj.weight])
-    part = P.split(scores, st.sizes)
-    assert torch.equal(st.tensors["rc_idx"][0], torch.cat([part.R, part.C]))
+    ref = tiny_model("llama")
+    with pruned(ref, PopConfig(**cfg)):
+        want = _generate(ref, one, torch.ones_like(one))
+    with torch._dynamo.config.patch(recompile_limit=64):
+        for ids in (torch.tensor([[5, 9, 33, 17, 40, 8]]), torch.tensor([[77, 12, 7]])):
+            _generate(model, ids, torch.ones_like(ids))  # leaves a data-driven partition behind
+            _assert_same(_generate(model, one, torch.ones_like(one)), want, atol=1e-6)
+    assert pop_fx.report(model, PopConfig(**cfg)).warnings == []
