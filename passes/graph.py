@@ -45,12 +45,30 @@ def add_state_placeholders(gm: fx.GraphModule, tensors: dict, prefix: str, names
 
 
 def attention_mask_input(gm: fx.GraphModule) -> fx.Node | None:
-    """The [batch, keys] attention mask input, when the graph has one (it carries the left padding)."""
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" and "attention_mask" in n.name:
-            v = val(n)
-            if v is not None and v.dim() == 2:
+    """The attention-mask input that carries the padding (``pop_fx.partition.token_mask`` reads it): a 2-D
+    [batch, keys] mask, else a 4-D [batch, heads, queries, keys] one (a static cache's), the full-attention one
+    of a per-kind dict first. None when the graph has none (see ``padding_note``)."""
+    masks = [n for n in gm.graph.nodes if n.op == "placeholder" and "attention_mask" in n.name and val(n) is not None]
+    for rank, prefer in ((2, ""), (4, "full"), (4, "")):
+        for n in masks:
+            if val(n).dim() == rank and prefer in n.name:
                 return n
+    return None
+
+
+def padding_note(gm: fx.GraphModule, batch: int) -> str | None:
+    """Why a prefill of this graph cannot tell padding from tokens, or None if it can (or nothing is padded).
+
+    A graph with no mask input has no padding the model itself sees. A mask input of another form (or of
+    another batch size) cannot be read: the report then says "padding unknown" instead of guessing."""
+    masks = [n for n in gm.graph.nodes if n.op == "placeholder" and "attention_mask" in n.name]
+    if not masks:
+        return None
+    m = attention_mask_input(gm)
+    v = val(m) if m is not None else None
+    if v is None or (isinstance(batch, int) and v.shape[0] != batch):
+        shapes = [tuple(val(n).shape) if val(n) is not None else None for n in masks]
+        return f"padding unknown: attention mask input(s) {shapes} are neither [B, S] nor [B, h, L, S]"
     return None
 
 

@@ -19,7 +19,7 @@ from pop_fx.state import STATE_NAMES
 
 from passes.classify_graph import reads_kv_cache
 from passes.decide import Decision, decide
-from passes.graph import add_state_placeholders, copy_graph_module
+from passes.graph import add_state_placeholders, copy_graph_module, padding_note
 from passes.match_experts import match_experts
 from passes.match_ffn import match_ffns
 from passes.match_vision import split_vision_tower
@@ -116,6 +116,11 @@ def _decide(r: _Run) -> int:
             _state.note(s.param, r.cfg, None, s.reason, path=s.path, graph=r.phase)
     r.counts.update(matched=len(r.sites), skipped=len(r.skipped), prefill=0, decode=0)
     r.plan = [decide(m, kind, r.cfg) for m, kind in zip(r.sites, r.kinds)]
+    for d in r.plan:
+        if d.action == "prefill":
+            why = padding_note(r.gm, val(d.site.h).shape[0] if d.site.batch_source is None else val(d.site.batch_source).shape[0])
+            if why:
+                d.reason = f"pop ({why})"
     for d in r.plan:
         if d.action == "dense":
             _state.note(d.site.param, r.cfg, d.kind, d.reason, path=d.site.path, matched=True, graph=r.phase)

@@ -79,22 +79,51 @@ def down_column_norm(weight: torch.Tensor, channel_dim: int = -1) -> torch.Tenso
     raise ValueError(f"weight of shape {tuple(weight.shape)} with channel_dim={channel_dim} is not a down projection")
 
 
+def token_mask(attention_mask, batch: int, tokens: int) -> torch.Tensor | None:
+    """[B, L] bool, False = padding, for the L current tokens, from the mask a model's forward receives.
+
+    * 2-D ``[B, S]`` (1 = token): the current tokens are its last L columns;
+    * 4-D ``[B, h, L, S]`` (what ``generate()`` builds for a static cache): bool (True = may attend) or
+      additive float (0 = may attend, a large negative number = masked). A current token is padding iff it
+      may attend to no key: under left padding a padding token sees only padding, and every real token sees
+      itself (also under a sliding window);
+    * a dict of such masks per attention kind (``{"full_attention": …, "sliding_attention": …}``): the full one.
+
+    None when there is no mask or its shape does not fit [B, L] (nothing to tell padding by).
+    """
+    if isinstance(attention_mask, dict):
+        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape[0] != batch:
+        return None
+    m = attention_mask
+    if m.dim() == 2 and m.shape[1] >= tokens:
+        return m[:, -tokens:] != 0
+    if m.dim() == 4 and m.shape[2] == tokens:
+        allowed = m[:, 0] if m.dtype == torch.bool else m[:, 0] > torch.finfo(m.dtype).min / 2
+        return allowed.any(dim=-1)
+    return None
+
+
 def activation_norm(h: torch.Tensor, token_mask: torch.Tensor | None = None, per_sequence: bool = False) -> torch.Tensor:
     """s_j = ||H[T, j]||_2 over the tokens T (in fp32).
 
     ``h`` is [..., d_ff]; with ``per_sequence`` it is [B, L, d_ff] and the norm
     is taken per sequence ([B, d_ff]). ``token_mask`` ([B, L] or broadcastable
-    to h's leading dims; 0 = padding) removes tokens from T.
+    to h's leading dims; False/0 = padding) removes tokens from T. Padding is removed with ``where``, not a
+    multiply (a fully masked row may hold NaN, and NaN·0 is NaN), and a NaN entry counts as 0, so one bad row
+    cannot poison a batch's partition.
     """
-    hf = h.detach().float()
+    hf = h.detach()
+    keep = ~torch.isnan(hf)
     if token_mask is not None:
-        m = token_mask.to(device=hf.device, dtype=hf.dtype)
-        hf = hf * m.reshape(*m.shape, *([1] * (hf.dim() - m.dim())))
+        m = token_mask.to(device=hf.device, dtype=torch.bool)
+        keep = keep & m.reshape(*m.shape, *([1] * (hf.dim() - m.dim())))
+    hf = torch.where(keep, hf, torch.zeros((), dtype=hf.dtype, device=hf.device))
     if per_sequence:
         if hf.dim() < 2:
             raise ValueError(f"per-sequence importance needs [B, L, d_ff] activations, got {tuple(h.shape)}")
-        return torch.linalg.vector_norm(hf.reshape(hf.shape[0], -1, hf.shape[-1]), dim=1)
-    return torch.linalg.vector_norm(hf.reshape(-1, hf.shape[-1]), dim=0)
+        return torch.linalg.vector_norm(hf.reshape(hf.shape[0], -1, hf.shape[-1]), dim=1, dtype=torch.float32)
+    return torch.linalg.vector_norm(hf.reshape(-1, hf.shape[-1]), dim=0, dtype=torch.float32)
 
 
 def importance(
@@ -150,16 +179,31 @@ def select(h_c: torch.Tensor, wd_norm_c: torch.Tensor, n_select: int, per_sequen
     return top_k(candidate_scores(h_c, wd_norm_c, per_sequence), n_select)
 
 
+def rank_keys(scores: torch.Tensor) -> torch.Tensor:
+    """One int64 key per score, unique along the last axis, ordered as ``rank`` orders: a larger key ranks first.
+
+    The high 32 bits are the fp32 score's bits made monotone (IEEE order as signed integers; -0.0 counts as
+    0.0, NaN as the lowest), the low 32 bits break ties by the lower index. ``torch.topk`` over these keys picks
+    exactly the set the stable sort does, on every device, without a sort.
+    """
+    s = scores.float() + 0.0  # -0.0 -> +0.0
+    bits = s.view(torch.int32)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: flip the magnitude bits
+    bits = torch.where(torch.isnan(s), torch.full_like(bits, -(2 ** 31)), bits)
+    n = s.shape[-1]
+    tie = (n - 1) - torch.arange(n, device=s.device, dtype=torch.int64)
+    return (bits.to(torch.int64) << 32) + tie
+
+
 def candidate_topk(h_c: torch.Tensor, wd_norm_c: torch.Tensor, k: int, per_sequence: bool = False) -> torch.Tensor:
     """Positions within C of the k best candidates ([k], or [B, k] per sequence), in no particular order.
 
-    The compiled decode ops' selection: ``torch.topk`` on every device (n_C is a few hundred to a few
-    thousand values, where the vendor top-k is one small launch and Inductor calls it without a Python round
-    trip). It returns the same set as ``select`` (the stable-sort definition) except among candidates whose
-    scores are exactly equal at the boundary.
+    The compiled decode ops' selection: ``torch.topk`` over ``rank_keys`` (n_C is a few hundred to a few
+    thousand values: one small launch, no sort, no Python round trip), which picks the same set as ``select``
+    (POP_SPEC's stable ranking: ties by the lower channel index, NaN last).
     """
     scores = candidate_scores(h_c, wd_norm_c.reshape(-1) if not per_sequence else wd_norm_c, per_sequence)
-    return torch.topk(scores, k, dim=-1, sorted=False).indices
+    return torch.topk(rank_keys(scores), k, dim=-1, sorted=False).indices
 
 
 def weight_only_scores(wd_norm: torch.Tensor, w_in_rows: list[torch.Tensor]) -> torch.Tensor:
@@ -191,7 +235,9 @@ __all__ = [
     "candidate_scores",
     "down_column_norm",
     "expert_scores",
+    "token_mask",
     "candidate_topk",
+    "rank_keys",
     "importance",
     "keep_set",
     "partition_sizes",

@@ -11,7 +11,7 @@ How it works (plain hooks, no graph rewriting):
   a one-token prompt a prefill). A multi-token forward on a non-empty cache
   (multi-turn, chunked prefill, assisted decoding) is a prefill too: it
   re-partitions from its own tokens only (POP_SPEC, "ours"). The hook also
-  records the current tokens' padding mask (``attention_mask[:, -L:]``, 0 =
+  records the current tokens' padding mask (``partition.token_mask``: from a 2-D or a static cache's 4-D mask; 0 =
   padding); padding never counts towards importance.
 * Dense sites (plain, gated, fused_gated, shared_expert): a forward pre-hook on
   the down projection receives H and returns ``H * keep_mask``. Multiplying by
@@ -44,6 +44,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
+from pop_fx import partition as P
 from pop_fx.config import PopConfig
 from pop_fx.partition import (
     PartitionSizes,
@@ -152,10 +153,7 @@ def _call_info(module: nn.Module, args: tuple, kwargs: dict) -> _Call | None:
         cached = int(past.get_seq_length())
     else:  # legacy tuple cache
         cached = int(past[0][0].shape[-2]) if len(past) else 0
-    mask = kwargs.get("attention_mask")
-    token_mask = None
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == B:
-        token_mask = mask[:, -L:].bool()
+    token_mask = P.token_mask(kwargs.get("attention_mask"), B, L)
     return _Call(prefill=L > 1 or cached == 0, B=B, L=L, token_mask=token_mask)
 
 

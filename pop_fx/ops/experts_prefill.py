@@ -38,8 +38,9 @@ def _groups(hidden: Tensor, batch: int, attention_mask: Tensor | None, per_seque
     L = T // batch if batch else T
     seq = torch.arange(batch, device=hidden.device).repeat_interleave(L)
     valid = torch.ones(T, dtype=torch.bool, device=hidden.device)
-    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] == batch and batch * L == T:
-        valid = attention_mask[:, -L:].reshape(-1).bool().to(hidden.device)
+    tm = P.token_mask(attention_mask, batch, L) if batch * L == T else None
+    if tm is not None:
+        valid = tm.reshape(-1).to(hidden.device)
     return (seq if per_sequence else torch.zeros_like(seq)), valid
 
 

@@ -58,9 +58,7 @@ def prefill(
     """h: [B, L, d_ff] intermediate activation of the prefill tokens; returns the FFN output [B, L, d_out]."""
     d_ff = h.shape[-1]
     B, L = h.shape[0], h.shape[-2]
-    token_mask = None
-    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] == B and h.dim() == 3:
-        token_mask = attention_mask[:, -L:]
+    token_mask = P.token_mask(attention_mask, B, L) if h.dim() == 3 else None
     sizes = P.PartitionSizes(n_keep, n_R, n_C, d_ff - n_R - n_C)
     scores = P.importance(h, wd_norm, token_mask, per_sequence=per_sequence)  # [d_ff] or [B, d_ff]
     if per_sequence and B > rc_idx.shape[0]:

@@ -63,3 +63,19 @@ def test_topk_selects_the_same_set_as_the_definition(B, n_C, frac, seed, per_seq
     wn = torch.rand((B, n_C) if per_seq else (n_C,), generator=g) + 0.1
     fast = candidate_topk(h, wn, k, per_sequence=per_seq).sort(dim=-1).values
     assert torch.equal(fast, P.select(h, wn.reshape(-1) if not per_seq else wn, k, per_sequence=per_seq))
+
+
+@settings(max_examples=60, deadline=None)
+@given(B=st.integers(1, 4), n_C=st.integers(1, 64), frac=st.floats(0, 1), seed=st.integers(0, 10_000),
+       per_seq=st.booleans(), nan=st.booleans())
+def test_topk_breaks_ties_by_channel_index_and_ranks_nan_last(B, n_C, frac, seed, per_seq, nan):
+    # Ties are what random data never has: ReLU's zeros, repeated activations, equal norms. POP_SPEC ranks by
+    # (-score, channel index) with NaN last; every path must pick exactly that set.
+    k = round(frac * n_C)
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randint(-2, 3, (B, n_C), generator=g).float()  # many exact ties, zeros among them
+    if nan:
+        h[torch.rand(B, n_C, generator=g) < 0.2] = float("nan")
+    wn = torch.ones((B, n_C) if per_seq else (n_C,))
+    fast = candidate_topk(h, wn, k, per_sequence=per_seq).sort(dim=-1).values
+    assert torch.equal(fast, P.select(h, wn.reshape(-1) if not per_seq else wn, k, per_sequence=per_seq))
