@@ -85,7 +85,9 @@ class SiteState:
 
 _lock = threading.Lock()
 # down Parameter -> {PopConfig: SiteState}; weak so that a deleted model frees its state.
-_STATES: "WeakIdKeyDictionary[torch.Tensor, dict[PopConfig, SiteState]]" = WeakIdKeyDictionary()
+# down Parameter -> {(PopConfig, dtype, device): state}. model.to() keeps the Parameter objects and changes their
+# data, so a state belongs to the weights' dtype and device too: graphs of each dtype read their own layouts.
+_STATES: "WeakIdKeyDictionary[torch.Tensor, dict[tuple, SiteState | ExpertsState]]" = WeakIdKeyDictionary()
 # any weight Parameter -> (site kind or None, reason) for the report
 _NOTES: "WeakIdKeyDictionary[torch.Tensor, dict[PopConfig, dict[tuple[str, str], dict]]]" = WeakIdKeyDictionary()
 
@@ -94,7 +96,8 @@ def get_or_create(down_weight: torch.Tensor, config: PopConfig, *, kind: str, d_
                   flags: int, n_in: int, in_dtype: torch.dtype, weights: dict) -> SiteState:
     with _lock:
         per_cfg = _STATES.setdefault(down_weight, {})
-        st = per_cfg.get(config)
+        key = (config, down_weight.dtype, down_weight.device)
+        st = per_cfg.get(key)
         if st is not None:
             return st
         sizes = partition_sizes(d_ff, config.sparsity, config.candidate_ratio)
@@ -116,7 +119,7 @@ def get_or_create(down_weight: torch.Tensor, config: PopConfig, *, kind: str, d_
         st = SiteState(kind, d_ff, d_model, d_out, sizes, flags, n_in, config, wd_norm, tensors,
                        weights={**weights, "wd": down_weight})
         st.initialize()
-        per_cfg[config] = st
+        per_cfg[key] = st
         return st
 
 
@@ -170,7 +173,8 @@ def get_or_create_experts(gate_up: torch.Tensor, down: torch.Tensor, config: Pop
     """The state of one routed-experts module (E expert sites), keyed by its ``down_proj`` Parameter [E, H, I]."""
     with _lock:
         per_cfg = _STATES.setdefault(down, {})
-        st = per_cfg.get(config)
+        key = (config, down.dtype, down.device)
+        st = per_cfg.get(key)
         if st is not None:
             return st
         E, H, d_ff = down.shape
@@ -190,7 +194,7 @@ def get_or_create_experts(gate_up: torch.Tensor, down: torch.Tensor, config: Pop
         }
         st = ExpertsState(E, d_ff, H, sizes, config, tensors, weights={"gate_up": gate_up, "down": down})
         st.initialize()
-        per_cfg[config] = st
+        per_cfg[key] = st
         return st
 
 
@@ -205,7 +209,14 @@ def note(weight: torch.Tensor, config: PopConfig, kind: str | None, reason: str,
 
 
 def states_of(param: torch.Tensor) -> dict[PopConfig, SiteState]:
-    return dict(_STATES.get(param, {}))
+    """Per config, the state of ``param`` for its current dtype and device (what its graphs read now)."""
+    return {c: st for (c, dtype, device), st in _STATES.get(param, {}).items()
+            if dtype == param.dtype and device == param.device}
+
+
+def all_states_of(param: torch.Tensor) -> list[SiteState]:
+    """Every state of ``param``: one per (config, dtype, device) it was compiled with."""
+    return list(_STATES.get(param, {}).values())
 
 
 def notes_of(param: torch.Tensor) -> dict[PopConfig, list[dict]]:

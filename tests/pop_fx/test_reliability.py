@@ -516,3 +516,37 @@ def test_an_unreadable_mask_is_reported_as_padding_unknown():
     rep = pop_fx.report(block, PopConfig(**EAGER))
     assert [s["path"] for s in rep.sites] == ["mlp"]
     assert "padding unknown" in rep.sites[0]["reason"], rep.sites[0]
+
+
+def test_model_to_another_dtype_after_compile_follows_with_its_own_state():
+    # model.to() keeps the Parameter objects (their data changes): state keyed by the Parameter alone would
+    # hand the bf16 graphs the fp32 layouts. Each dtype gets its own state; going back reuses the first.
+    torch._dynamo.reset()
+    ids, mask = _left_padded([[5, 9, 33, 17, 40, 8], [77, 12, 7]])
+    model = pop_fx.compile(tiny_model("llama"), **EAGER)
+    with torch._dynamo.config.patch(recompile_limit=64):
+        for dtype in (torch.float32, torch.bfloat16, torch.float32):
+            model.to(dtype)
+            got = _generate(model, ids, mask)
+            ref = tiny_model("llama", dtype=dtype)
+            ref.load_state_dict(model.state_dict())  # the weights after the round trip through bf16
+            with pruned(ref, PopConfig(**CFG)):
+                want = _generate(ref, ids, mask)
+            _assert_same(got, want, atol=1e-4 if dtype == torch.float32 else 2e-2)
+    layouts = {st.tensors["w_in"].dtype for st in S.all_states_of(model.model.layers[0].mlp.down_proj.weight)}
+    assert layouts == {torch.float32, torch.bfloat16}
+
+
+def test_long_prompts_and_varied_shapes_through_inductor():
+    # A 1.5k-token prompt, then a batch of two 1k-token ones (the recompile makes sizes symbolic): the prefill's
+    # importance is one pass over H. Other batch sizes and lengths: the hypothesis tests above (eager lowering).
+    torch._dynamo.reset()
+    model = pop_fx.compile(tiny_model("llama"), **CFG)
+    g = torch.Generator().manual_seed(11)
+    shapes = [(1, 1536), (2, 1024)]
+    with torch._dynamo.config.patch(recompile_limit=64):
+        for batch, length in shapes:
+            prompts = [torch.randint(4, 250, (length - 3 * i,), generator=g).tolist() for i in range(batch)]
+            ids, mask = _left_padded(prompts)
+            _assert_same(_generate(model, ids, mask, new_tokens=3), _reference("llama", ids, mask, CFG, new_tokens=3))
+    assert pop_fx.report(model).warnings == []
