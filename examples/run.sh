@@ -28,6 +28,13 @@ shift || true
 case "$cmd" in
     setup) setup ;;
     demo) setup; exec pop-fx demo "$@" ;;
-    test) setup; export PYTHONHASHSEED=0; exec python -m pytest -q tests "$@" ;;
+    test)
+        setup
+        export PYTHONHASHSEED=0
+        if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+            echo "pop-fx: chromium is not installed: tests/pop_fx/tools/test_inspect_browser.py (the inspect HTML in a" \
+                 "real browser) will be SKIPPED. Install Debian's chromium to run it, as .ci/run does." >&2
+        fi
+        exec python -m pytest -q tests "$@" ;;
     *) echo "usage: bash examples/run.sh {setup|demo|test} [args...]" >&2; exit 2 ;;
 esac

@@ -136,8 +136,9 @@ class Report:
                  f"{self.extra_bytes / 2**20:.1f} MiB of layout buffers"]
         lines.append(f"{'path':40s} {'kind':13s} {'act':10s} {'d_ff':>6s} {'|R|':>6s} {'|C|':>6s} {'|P|':>6s} graphs")
         for s in self.sites:
+            note = "" if s.get("reason", "pop") == "pop" else f"  {s['reason']}"
             lines.append(f"{s['path']:40s} {s['kind']:13s} {s['activation']:10s} {s['d_ff']:6d} {s['n_R']:6d} "
-                         f"{s['n_C']:6d} {s['n_P']:6d} {','.join(s['graphs'])}")
+                         f"{s['n_C']:6d} {s['n_P']:6d} {','.join(s['graphs'])}{note}")
         for d in self.dense:
             lines.append(f"{d['path']:40s} dense: {d['reason']}")
         lines.extend(f"warning: {w}" for w in self.warnings)

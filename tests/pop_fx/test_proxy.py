@@ -205,6 +205,11 @@ def test_plain_ffn_falls_back_to_exact_scoring_and_says_so():
     rep = pop_fx.report(model)
     pop_fx.decompile(model)
     assert rep.dense == [] and len(rep.sites) == 2
+    # Each site says why it differs from the proxy path it was asked for (the reason, not only the count).
+    assert [s["reason"] for s in rep.sites] == [
+        "pop (candidate_proxy: plain site (gated FFNs with separate gate and up projections only): candidates scored "
+        "exactly)"] * 2
+    assert "candidates scored exactly" in str(rep)
 
 
 def test_compiled_scope_sequence_is_refused():

@@ -66,4 +66,5 @@ def test_smollm2_reference_r0_is_dense_and_pop_agreement(smollm2):
     static = next_token_agreement(model, windows, prompt, lambda: reference.pruned(model, PopConfig.static(0.5)), dense_argmax)
     print(f"\nSmolLM2 r=0.5 decode-mode next-token agreement with dense ({len(starts)} windows, "
           f"{prompt}+{cont} tokens): POP(γ=0.1) {pop:.3f}  static(γ=0) {static:.3f}")
-    assert 0 < pop <= 1 and 0 < static <= 1
+    # The paper's ordering on these windows (measured: POP 0.373, static 0.294; random masks score ~0.03).
+    assert pop > static > 0.2
