@@ -5,7 +5,7 @@ scope="batch"::
     z = linear(x, state.w_in[, state.b_in])   # was: up(x) [and up2(x)] over all d_ff channels (b_in iff a bias)
     g, u = z[..., :n_RC], z[..., n_RC:]       # gated only (fused gate_up keeps its chunk)
     H_rc = act(g) [· u]                       # the same elementwise nodes, now n_R + n_C wide
-    y = pop.decode(H_rc, state.wd_t, bd, state.wd_norm_c, n_R, n_select)   # was: down(H)
+    y = pop.decode(H_rc, state.wd_rc, bd, state.wd_norm_c, n_R, n_select)   # was: down(H)
 
 scope="sequence": gate/up stay dense over all channels (one GEMM for the batch) and ``pop.decode_seq``
 selects each sequence's candidates from its own R ∪ C and projects down.
@@ -36,7 +36,7 @@ def rewrite_decode(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state: dict[
         with g.inserting_before(m.down):
             y = g.call_function(pop.decode_seq.default,
                                 (m.h, m.down_weight, m.down_bias, state["wd_norm"], state["rc_idx"],
-                                 sizes.n_R, sizes.n_select, st.flags))
+                                 sizes.n_R, sizes.n_select, st.flags, st.config.kernel_code))
         replace_down(g, m, y)
         return
     # 1. gate/up over R ∪ C only: one projection over the contiguous layout replaces the site's one or two.
@@ -71,5 +71,6 @@ def rewrite_decode(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state: dict[
     # 2. down over R ∪ selected candidates.
     with g.inserting_before(m.down):
         y = g.call_function(pop.decode.default,
-                            (m.h, state["wd_t"], m.down_bias, state["wd_norm_c"], sizes.n_R, sizes.n_select))
+                            (m.h, state["wd_rc"], m.down_bias, state["wd_norm_c"], sizes.n_R, sizes.n_select,
+                             st.config.kernel_code))
     replace_down(g, m, y)

@@ -53,7 +53,7 @@ def rewrite_experts_prefill(gm: fx.GraphModule, m: ExpertsMatch, st: ExpertsStat
         b = g.call_method("size", (m.batch_source, 0))
         y = g.call_function(pop.experts_prefill.default, (
             m.hidden, m.top_k_index, m.top_k_weights, m.gate_up, m.down, attention_mask_input(gm), b,
-            s["wd_norm"], s["rc_idx"], s["wd_norm_c"], s["dense"], s["w_in"], s["wd_t"],
+            s["wd_norm"], s["rc_idx"], s["wd_norm_c"], s["dense"], s["w_in"], s["wd_rc"],
             z.n_keep, z.n_R, z.n_C, m.activation, cfg.scope == "sequence", cfg.prefill == "pruned",
             cfg.empty_expert == "dense"))
     _replace_region(g, m, y)
@@ -64,7 +64,7 @@ def rewrite_experts_decode(gm: fx.GraphModule, m: ExpertsMatch, st: ExpertsState
     with g.inserting_before(m.output):
         y = g.call_function(pop.experts_decode.default, (
             m.hidden, m.top_k_index, m.top_k_weights, m.gate_up, m.down,
-            s["rc_idx"], s["wd_norm_c"], s["dense"], s["w_in"], s["wd_t"],
+            s["rc_idx"], s["wd_norm_c"], s["dense"], s["w_in"], s["wd_rc"],
             z.n_R, z.n_select, m.activation, cfg.scope == "sequence"))
     _replace_region(g, m, y)
 

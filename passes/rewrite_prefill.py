@@ -31,7 +31,7 @@ def rewrite_prefill(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state: dict
         y = g.call_function(
             pop.prefill.default,
             (h, attention_mask_input(gm), m.down_weight, m.down_bias, w_a, b_a, w_b, b_b,
-             state["wd_norm"], state["rc_idx"], state["wd_norm_c"], state["w_in"], state["b_in"], state["wd_t"],
+             state["wd_norm"], state["rc_idx"], state["wd_norm_c"], state["w_in"], state["b_in"], state["wd_rc"],
              st.sizes.n_keep, st.sizes.n_R, st.sizes.n_C, st.flags,
              cfg.scope == "sequence", cfg.prefill == "pruned"),
         )

@@ -3,7 +3,7 @@
     sel = pop.proxy_select(x, q, s, rc_idx, wd_norm_c, …)   # C ranked from the low-precision copy
     z   = pop.gather_in(x, w_in, b_in, sel, …)              # exact gate/up over R ∪ chosen only
     H   = act(z[:, :n_keep]) · z[:, n_keep:]                # the graph's own activation nodes
-    y   = pop.decode_sel(H, wd_t, bd, sel, n_R)             # was: down(H)
+    y   = pop.decode_sel(H, wd_rc, bd, sel, n_R, n_C)        # was: down(H)
 
 ``proxy_support`` says which sites qualify (separate gate and up projections, a known activation, the gate
 identifiable); the others keep the paper's exact candidate scoring and the report says why.
@@ -78,5 +78,5 @@ def rewrite_decode_proxy(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state:
             if n in g.nodes and not n.users:
                 g.erase_node(n)
     with g.inserting_before(m.down):
-        y = g.call_function(pop.decode_sel.default, (m.h, state["wd_t"], m.down_bias, sel, sizes.n_R))
+        y = g.call_function(pop.decode_sel.default, (m.h, state["wd_rc"], m.down_bias, sel, sizes.n_R, sizes.n_C))
     replace_down(g, m, y)

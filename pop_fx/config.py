@@ -18,6 +18,7 @@ _EMPTY_EXPERT = ("weights", "dense")
 _LOWERINGS = ("inductor", "eager")
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _PROXIES = (None, "int8", "int8-gate", "int3")
+_KERNELS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,11 @@ class PopConfig:
     mode: str | None = None
     """Inductor mode for the lowering (e.g. "reduce-overhead" for CUDA graphs); None = Inductor's default."""
 
+    kernels: str = "auto"
+    """CUDA decode kernels: "torch" (cuBLAS GEMV over the masked activations, torch.topk), "triton" (pop-fx's
+    select + split-K GEMV kernels), "auto" = the measured faster one (torch until a GPU run shows otherwise).
+    The CPU always runs the torch ops through Inductor."""
+
     max_batch_size: int = 64
     """scope="sequence": sequences per batch that per-sequence state is allocated for, >= 1."""
 
@@ -67,6 +73,7 @@ class PopConfig:
         _check_choice("empty_expert", self.empty_expert, _EMPTY_EXPERT)
         _check_choice("lowering", self.lowering, _LOWERINGS)
         _check_choice("mode", self.mode, _MODES)
+        _check_choice("kernels", self.kernels, _KERNELS)
         if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, numbers.Integral) or self.max_batch_size < 1:
             raise ValueError(
                 f"PopConfig.max_batch_size={self.max_batch_size!r} is invalid: allowed an integer >= 1"
@@ -108,6 +115,11 @@ class PopConfig:
         if unknown:
             raise ValueError(f"unknown PopConfig option(s) {unknown}: allowed {allowed}")
         return cls(**base)
+
+    @property
+    def kernel_code(self) -> int:
+        """What the decode ops' ``kernels`` argument carries: 0 = torch ops, 1 = Triton kernels (CUDA only)."""
+        return 1 if self.kernels == "triton" else 0
 
     def replace(self, **changes: Any) -> "PopConfig":
         return dataclasses.replace(self, **changes)

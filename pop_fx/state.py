@@ -21,7 +21,7 @@ from pop_fx.ops.layout import write_expert_partition
 from pop_fx.config import PopConfig
 from pop_fx.partition import PartitionSizes, down_column_norm, expert_scores, partition_sizes
 
-STATE_NAMES = ("wd_norm", "rc_idx", "wd_norm_c", "w_in", "b_in", "wd_t")
+STATE_NAMES = ("wd_norm", "rc_idx", "wd_norm_c", "w_in", "b_in", "wd_rc")
 
 
 @dataclass
@@ -76,7 +76,7 @@ class SiteState:
         t = self.tensors
         with torch.no_grad():
             layout.write_partition(scores, self.sizes, w["wd"], w["w_a"], w.get("b_a"), w.get("w_b"), w.get("b_b"),
-                                self.wd_norm, t["rc_idx"], t["wd_norm_c"], t["w_in"], t["b_in"], t["wd_t"], self.flags)
+                                self.wd_norm, t["rc_idx"], t["wd_norm_c"], t["w_in"], t["b_in"], t["wd_rc"], self.flags)
 
     @property
     def extra_bytes(self) -> int:
@@ -114,7 +114,7 @@ def get_or_create(down_weight: torch.Tensor, config: PopConfig, *, kind: str, d_
             # Compact layouts only under scope="batch": per-sequence copies would multiply FFN memory by the batch.
             "w_in": torch.zeros((n_in * n_rc, d_model) if batch else (0,), dtype=in_dtype, device=dev),
             "b_in": torch.zeros((n_in * n_rc,) if batch else (0,), dtype=in_dtype, device=dev),
-            "wd_t": torch.zeros((n_rc, d_out) if batch else (0,), dtype=down_weight.dtype, device=dev),
+            "wd_rc": torch.zeros((d_out, layout.padded(n_rc)) if batch else (0,), dtype=down_weight.dtype, device=dev),
         }
         st = SiteState(kind, d_ff, d_model, d_out, sizes, flags, n_in, config, wd_norm, tensors,
                        weights={**weights, "wd": down_weight})
@@ -127,7 +127,7 @@ def get_or_create(down_weight: torch.Tensor, config: PopConfig, *, kind: str, d_
 # routed experts: one state per experts module, E sites (expert e = its down_proj Parameter plus e)
 # ----------------------------------------------------------------------------------------------
 
-EXPERT_STATE_NAMES = ("wd_norm", "rc_idx", "wd_norm_c", "dense", "w_in", "wd_t")
+EXPERT_STATE_NAMES = ("wd_norm", "rc_idx", "wd_norm_c", "dense", "w_in", "wd_rc")
 
 
 @dataclass
@@ -158,7 +158,7 @@ class ExpertsState:
                 dense = torch.full((G,), s is None, dtype=torch.bool, device=dn.device)
                 s = torch.zeros_like(t["wd_norm"][e]) if s is None else s
                 write_expert_partition(e, s.expand(G, -1), dense, self.sizes, gu, dn, t["wd_norm"],
-                                                  t["rc_idx"], t["wd_norm_c"], t["dense"], t["w_in"], t["wd_t"])
+                                                  t["rc_idx"], t["wd_norm_c"], t["dense"], t["w_in"], t["wd_rc"])
 
     @property
     def extra_bytes(self) -> int:
@@ -190,7 +190,7 @@ def get_or_create_experts(gate_up: torch.Tensor, down: torch.Tensor, config: Pop
             "dense": torch.zeros(E, G, dtype=torch.bool, device=dev),
             # Compact layouts only under scope="batch": per-sequence copies would multiply expert memory by the batch.
             "w_in": torch.zeros((E, 2 * n_rc, H) if batch else (0,), dtype=gate_up.dtype, device=dev),
-            "wd_t": torch.zeros((E, n_rc, H) if batch else (0,), dtype=down.dtype, device=dev),
+            "wd_rc": torch.zeros((E, H, layout.padded(n_rc)) if batch else (0,), dtype=down.dtype, device=dev),
         }
         st = ExpertsState(E, d_ff, H, sizes, config, tensors, weights={"gate_up": gate_up, "down": down})
         st.initialize()

@@ -21,8 +21,8 @@ A site's state (see ``pop_fx.state``) enters the graphs as explicit tensors:
 * ``wd_norm_c`` [S, n_C] fp32 — ||Wd[:, j]|| of the candidates, for per-step scoring;
 * ``w_in`` / ``b_in`` — the gate/up (or up) rows of R ∪ C laid out contiguously,
   [n_in·(n_R+n_C), d_model] and its bias ("batch" scope; empty under "sequence");
-* ``wd_t`` [n_R+n_C, d_out] — the down projection's columns of R ∪ C, channel-major,
-  so a decode step's down projection reads contiguous rows ("batch" scope).
+* ``wd_rc`` [d_out, n_R+n_C] — the down projection's columns of R ∪ C in ``nn.Linear``'s layout,
+  so a decode step's down projection is one GEMV ("batch" scope).
 
 The prefill op writes all of them in place; decode ops only read them. The
 user's Parameters are never modified. Every op calls ``pop_fx.partition`` for

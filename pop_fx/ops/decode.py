@@ -1,112 +1,82 @@
-"""Decode-step down projection over R ∪ selected candidates: ``pop::decode``.
+"""Decode-step down projection over R ∪ selected candidates: ``pop::decode`` (scope="batch").
 
-    y[b, :] = Σ_{j < n_R} h[b, j] · Wdᵀ[j, :]  +  Σ_{s ∈ S_t} h[b, n_R + s] · Wdᵀ[n_R + s, :]  (+ bias)
-    S_t     = top_{n_select}( ||h[:, n_R + s]||_rows · ||Wd[:, C_s]|| )      (candidate scoring, one per step)
+    S_t     = top_{n_select}( ||h[:, n_R + s]||_rows · ||Wd[:, C_s]|| )     (candidate scoring, one per step)
+    y[b, :] = Wd_rc · (h[b] ⊙ [1_R, 1_{S_t}])  (+ bias)                       (one GEMV over the R ∪ C layout)
 
-``h`` holds the step's activation over the R ∪ C layout (R first, then C) and ``wd_t`` the down
-projection's R ∪ C columns stored channel-major ([n_R + n_C, d_out]), both written contiguously by
-the prefill, so R is one contiguous GEMV and only the n_select selected candidate rows are gathered.
+``h`` holds the step's activation over the R ∪ C layout (R first, then C) and ``wd_rc`` the down
+projection's R ∪ C columns in ``nn.Linear``'s layout ([d_out, n_R + n_C]), written by the prefill.
+Zeroing the unselected candidates and running one GEMV reads γ/2·d_ff more columns than a gather would,
+but never copies weights, and on a GPU a row-major gather of half the C band touches nearly every sector
+of it anyway.
 
-Three implementations, one contract:
-* ``decode_down_reference`` — plain torch, the definition (and the CPU path: Inductor traces it into
-  its graph, fusing the scoring into C++ and calling the GEMVs as extern mm; no Python per step);
-* ``_down_kernel`` (Triton) — one program per BLOCK_N output columns streams the R rows and then the
-  selected rows of ``wd_t``, so no gathered copy of the weights is ever materialized (CUDA path);
-* ``pop::decode`` — a ``triton_op`` whose body branches on the device, so Inductor sees either the
-  torch ops (CPU) or the Triton kernel (CUDA) inside its generated code.
+Implementations, one contract:
 
-Candidate top-k uses ``torch.topk`` on every device: n_C is a few hundred to a few thousand values,
-where the vendor top-k is already one small launch (``pop_fx.partition.candidate_topk``).
+* ``decode_reference`` — plain torch: candidate top-k over ``partition.rank_keys`` (POP_SPEC's tie-break),
+  the mask, ``F.linear``. The CPU path (Inductor traces it: scoring and masking fuse into one C++ loop, the
+  GEMV is an extern oneDNN/BLAS call) and, until a GPU run has measured the Triton kernels, the CUDA default
+  (cuBLAS's GEMV over the masked activations).
+* ``select_triton`` + ``gemv_triton`` (``kernels="triton"``) — one program sorts the n_C candidate keys
+  and writes the masked C activations; a split-K GEMV streams ``wd_rc`` (see ``splitk_gemv.py``).
+* ``pop::decode`` — a ``triton_op`` whose body branches on the device and on ``kernels``, so Inductor
+  sees either the torch ops or the Triton kernels inside its generated code.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from pop_fx.ops.splitk_gemv import gemv_triton, select_triton, triton
 from pop_fx.partition import candidate_topk
 
-try:  # triton is a Linux-only dependency; the CPU path never needs it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
+KERNELS = ("torch", "triton")
+"""``kernels`` argument of the decode ops: 0 = torch ops (the default everywhere), 1 = Triton kernels (CUDA)"""
 
 
-def decode_down_reference(h_rc: Tensor, wd_t: Tensor, bd: Tensor | None, wd_norm_c: Tensor, n_R: int,
-                          n_select: int) -> Tensor:
+def candidate_mask(h_c: Tensor, wd_norm_c: Tensor, n_select: int, per_sequence: bool = False) -> Tensor:
+    """0/1 in h's dtype over C ([n_C], or [B, n_C] per sequence): the candidates this step computes."""
+    sel = candidate_topk(h_c, wd_norm_c, n_select, per_sequence)
+    shape = h_c.shape if per_sequence else h_c.shape[-1:]
+    return torch.zeros(shape, dtype=h_c.dtype, device=h_c.device).scatter_(-1, sel, 1)
+
+
+def decode_reference(h_rc: Tensor, wd_rc: Tensor, bd: Tensor | None, wd_norm_c: Tensor, n_R: int,
+                     n_select: int) -> Tensor:
     lead = h_rc.shape[:-1]
     h2 = h_rc.reshape(-1, h_rc.shape[-1])
-    if n_select > 0:
-        # Zero the unselected candidates and run ONE GEMV over all R ∪ C rows: on a CPU that streams
-        # n_R + n_C contiguous rows, less memory traffic than gathering the selected rows into a copy
-        # (read + write + read again) and a second GEMV. (The Triton kernel gathers without a copy.)
-        sel = candidate_topk(h2[:, n_R:], wd_norm_c, n_select)
-        keep_c = torch.zeros(h2.shape[-1] - n_R, dtype=h2.dtype, device=h2.device).index_fill_(0, sel, 1)
-        y = torch.cat([h2[:, :n_R], h2[:, n_R:] * keep_c], dim=-1) @ wd_t
-    else:
-        y = h2[:, :n_R] @ wd_t[:n_R]
+    n_C = h2.shape[-1] - n_R
+    wd_rc = wd_rc[:, : n_R + n_C]  # the layout's rows are padded (layout.ROW_ALIGN)
+    if n_select == 0:  # the static mask (γ = 0): R only
+        h2, wd_rc = h2[:, :n_R], wd_rc[:, :n_R]
+    elif n_select < n_C:
+        h2 = torch.cat([h2[:, :n_R], h2[:, n_R:] * candidate_mask(h2[:, n_R:], wd_norm_c, n_select)], dim=-1)
+    y = F.linear(h2, wd_rc, bd)
+    return y.reshape(*lead, wd_rc.shape[0])
+
+
+def decode_triton(h_rc: Tensor, wd_rc: Tensor, bd: Tensor | None, wd_norm_c: Tensor, n_R: int, n_select: int,
+                  launch=None) -> Tensor:
+    """The Triton path: the select kernel masks C in place of a top-k + scatter, the split-K GEMV projects."""
+    lead = h_rc.shape[:-1]
+    h2 = h_rc.reshape(-1, h_rc.shape[-1])
+    n_C = h2.shape[-1] - n_R
+    if 0 < n_select < n_C:
+        h2 = select_triton(h2, wd_norm_c.reshape(-1), n_R, n_select, launch=launch)
+    elif n_select == 0:
+        h2 = h2[:, :n_R]  # the C columns then multiply zeros: the GEMV still streams the padded layout
+    y = gemv_triton(h2, wd_rc, launch=launch)  # the padded layout: loads vectorize to its 16-element rows
     if bd is not None:
         y = y + bd
-    return y.reshape(*lead, wd_t.shape[1])
-
-
-if triton is not None:
-
-    @triton.jit
-    def _down_kernel(h_ptr, w_ptr, sel_ptr, y_ptr, B, N, n_R, n_sel, stride_hb, stride_wk, stride_yb,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # One program: BLOCK_N output columns of one row b. Weights are read once per row; at decode
-        # B is 1..8, so re-reading per row is cheaper than a cross-row reduction.
-        b = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, n_R, BLOCK_K):  # R: contiguous rows
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < n_R
-            h = tl.load(h_ptr + b * stride_hb + ks, mask=kmask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :], mask=kmask[:, None] & cmask[None, :],
-                        other=0.0).to(tl.float32)
-            acc += tl.sum(h[:, None] * w, axis=0)
-        for k0 in range(0, n_sel, BLOCK_K):  # selected candidates: gathered rows
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < n_sel
-            rows = n_R + tl.load(sel_ptr + ks, mask=kmask, other=0)
-            h = tl.load(h_ptr + b * stride_hb + rows, mask=kmask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None] * stride_wk + cols[None, :], mask=kmask[:, None] & cmask[None, :],
-                        other=0.0).to(tl.float32)
-            acc += tl.sum(h[:, None] * w, axis=0)
-        tl.store(y_ptr + b * stride_yb + cols, acc.to(y_ptr.dtype.element_ty), mask=cmask)
-
-
-def decode_down_triton(h2: Tensor, wd_t: Tensor, sel: Tensor, n_R: int, launch=None) -> Tensor:
-    """Launch ``_down_kernel`` on [B, n_R + n_C] activations; ``launch`` wraps the kernel (``wrap_triton``)."""
-    if triton is None:
-        raise RuntimeError("triton is not installed")
-    h2 = h2.contiguous()
-    wd_t = wd_t.contiguous()
-    B, N = h2.shape[0], wd_t.shape[1]
-    y = torch.empty(B, N, dtype=h2.dtype, device=h2.device)
-    # BLOCK_N 128 / BLOCK_K 32: a [32, 128] fp32 tile is 16 KB of registers per program, and 128 columns of
-    # a row-major weight row are one 512-byte coalesced read (fp32) — the access pattern of a GEMV.
-    BLOCK_N, BLOCK_K = 128, 32
-    kernel = launch(_down_kernel) if launch is not None else _down_kernel
-    grid = (B, triton.cdiv(N, BLOCK_N))
-    kernel[grid](h2, wd_t, sel, y, B, N, n_R, sel.numel(), h2.stride(0), wd_t.stride(0), y.stride(0),
-                 BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-    return y
+    return y.reshape(*lead, wd_rc.shape[0])
 
 
 @torch.library.triton_op("pop::decode", mutates_args=())
-def decode(h_rc: Tensor, wd_t: Tensor, bd: Tensor | None, wd_norm_c: Tensor, n_R: int, n_select: int) -> Tensor:
-    if h_rc.device.type != "cuda" or triton is None:
-        return decode_down_reference(h_rc, wd_t, bd, wd_norm_c, n_R, n_select)
-    lead = h_rc.shape[:-1]
-    h2 = h_rc.reshape(-1, h_rc.shape[-1])
-    sel = candidate_topk(h2[:, n_R:], wd_norm_c, n_select) if n_select > 0 else h2.new_zeros(0, dtype=torch.long)
-    y = decode_down_triton(h2, wd_t, sel, n_R, launch=torch.library.wrap_triton)
-    if bd is not None:
-        y = y + bd
-    return y.reshape(*lead, wd_t.shape[1])
+def decode(h_rc: Tensor, wd_rc: Tensor, bd: Tensor | None, wd_norm_c: Tensor, n_R: int, n_select: int,
+           kernels: int = 0) -> Tensor:
+    if kernels == 1 and h_rc.device.type == "cuda" and triton is not None and h_rc.reshape(-1, h_rc.shape[-1]).shape[0] <= 16:
+        return decode_triton(h_rc, wd_rc, bd, wd_norm_c, n_R, n_select, launch=torch.library.wrap_triton)
+    return decode_reference(h_rc, wd_rc, bd, wd_norm_c, n_R, n_select)
+
+
+__all__ = ["KERNELS", "candidate_mask", "decode", "decode_reference", "decode_triton"]

@@ -1,18 +1,20 @@
 """Decode step under scope="sequence": every sequence its own R ∪ C and its own selection, ``pop::decode_seq``.
 
     keep_b = R_b ∪ top_{n_select}(C_b by |h[b, C_b]| · ||Wd[:, C_b]||)
-    y[b]   = Σ_{j ∈ keep_b} h[b, j] · Wd[:, j]  (+ bias)
+    y[b]   = Wd · (h[b] ⊙ 1_{keep_b})  (+ bias)
 
 Per-sequence compact copies of the weights would multiply FFN memory by the batch (a 1B model at
 batch 8 does not fit in 24 GB), so under this scope the gate/up projections stay dense over all
 channels (one GEMM for the whole batch reads each weight once) and only the selection and the down
-projection are per sequence:
+projection are per sequence: the unselected channels of each row are zeroed and ONE dense down GEMM
+serves the batch. That is the fastest correct path on both devices at batch > 1: per-sequence gathers
+would read B partial copies of Wd instead of one whole one, and on a GPU a row-major [d_out, d_ff] weight
+read at half its columns, scattered, touches nearly every sector anyway. What this scope saves over dense
+is arithmetic, not bytes (README "Speed" says what it costs).
 
-* CPU (``decode_seq_reference``, traced by Inductor): the unselected channels are zeroed and one dense
-  down GEMM serves the batch — at batch > 1 that is the fastest correct path: per-sequence gathers
-  would read B partial copies of Wd instead of one whole one;
-* CUDA (``_seq_down_kernel``): one program per (sequence, BLOCK_N columns) reads only that sequence's
-  n_keep columns of Wd, so the down projection costs n_keep/d_ff of dense per sequence.
+* ``decode_seq_reference`` — plain torch (the CPU path, traced by Inductor, and the CUDA default);
+* ``kernels="triton"`` on CUDA — the same masked product through ``splitk_gemv``'s split-K GEMV (each
+  weight read once for up to 16 rows, coalesced along d_ff).
 """
 
 from __future__ import annotations
@@ -20,15 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pop_fx.partition import candidate_topk
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
-
 from pop_fx.ops.layout import CONV1D  # Conv1D stores Wd as [d_ff, d_out]
+from pop_fx.ops.splitk_gemv import gemv_triton, triton
+from pop_fx.partition import candidate_topk
 
 
 def keep_indices(h2: Tensor, wd_norm: Tensor, rc_idx: Tensor, n_R: int, n_select: int) -> Tensor:
@@ -49,64 +45,28 @@ def _down(h2: Tensor, wd: Tensor, bd: Tensor | None, flags: int) -> Tensor:
     return torch.nn.functional.linear(h2, wd, bd)
 
 
-def decode_seq_reference(h: Tensor, wd: Tensor, bd: Tensor | None, wd_norm: Tensor, rc_idx: Tensor, n_R: int,
-                         n_select: int, flags: int) -> Tensor:
-    lead = h.shape[:-1]
+def _masked(h: Tensor, wd_norm: Tensor, rc_idx: Tensor, n_R: int, n_select: int) -> Tensor:
     B = h.shape[0]
     h2 = h.reshape(B, h.shape[-1])  # one token per sequence
     keep = keep_indices(h2, wd_norm, rc_idx, n_R, n_select)
-    mask = torch.zeros_like(h2).scatter_(1, keep, 1.0)
-    y = _down(h2 * mask, wd, bd, flags)
-    return y.reshape(*lead, y.shape[-1])
+    return h2 * torch.zeros_like(h2).scatter_(1, keep, 1.0)
 
 
-if triton is not None:
-
-    @triton.jit
-    def _seq_down_kernel(h_ptr, w_ptr, keep_ptr, y_ptr, N, n_keep, stride_hb, stride_keep, stride_wk, stride_wn,
-                         stride_yb, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        b = tl.program_id(0)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, n_keep, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < n_keep
-            ch = tl.load(keep_ptr + b * stride_keep + ks, mask=kmask, other=0)
-            hv = tl.load(h_ptr + b * stride_hb + ch, mask=kmask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + ch[:, None] * stride_wk + cols[None, :] * stride_wn,
-                        mask=kmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(hv[:, None] * w, axis=0)
-        tl.store(y_ptr + b * stride_yb + cols, acc.to(y_ptr.dtype.element_ty), mask=cmask)
-
-
-def decode_seq_triton(h2: Tensor, wd: Tensor, keep: Tensor, flags: int, launch=None) -> Tensor:
-    """Per-sequence gathered down projection; ``wd`` as stored by the model ([d_out, d_ff], or [d_ff, d_out])."""
-    if triton is None:
-        raise RuntimeError("triton is not installed")
-    h2, keep = h2.contiguous(), keep.contiguous()
-    B = h2.shape[0]
-    if flags & CONV1D:
-        N, stride_wk, stride_wn = wd.shape[1], wd.stride(0), wd.stride(1)
-    else:
-        N, stride_wk, stride_wn = wd.shape[0], wd.stride(1), wd.stride(0)
-    y = torch.empty(B, N, dtype=h2.dtype, device=h2.device)
-    BLOCK_N, BLOCK_K = 128, 32  # as in decode_down: a 16 KB fp32 tile per program
-    kernel = launch(_seq_down_kernel) if launch is not None else _seq_down_kernel
-    kernel[(B, triton.cdiv(N, BLOCK_N))](h2, wd, keep, y, N, keep.shape[1], h2.stride(0), keep.stride(0),
-                                         stride_wk, stride_wn, y.stride(0), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-    return y
+def decode_seq_reference(h: Tensor, wd: Tensor, bd: Tensor | None, wd_norm: Tensor, rc_idx: Tensor, n_R: int,
+                         n_select: int, flags: int) -> Tensor:
+    y = _down(_masked(h, wd_norm, rc_idx, n_R, n_select), wd, bd, flags)
+    return y.reshape(*h.shape[:-1], y.shape[-1])
 
 
 @torch.library.triton_op("pop::decode_seq", mutates_args=())
 def decode_seq(h: Tensor, wd: Tensor, bd: Tensor | None, wd_norm: Tensor, rc_idx: Tensor, n_R: int, n_select: int,
-               flags: int) -> Tensor:
-    if h.device.type != "cuda" or triton is None:
-        return decode_seq_reference(h, wd, bd, wd_norm, rc_idx, n_R, n_select, flags)
-    lead = h.shape[:-1]
-    h2 = h.reshape(h.shape[0], h.shape[-1])
-    keep = keep_indices(h2, wd_norm, rc_idx, n_R, n_select)
-    y = decode_seq_triton(h2, wd, keep, flags, launch=torch.library.wrap_triton)
-    if bd is not None:
-        y = y + bd
-    return y.reshape(*lead, y.shape[-1])
+               flags: int, kernels: int = 0) -> Tensor:
+    if kernels == 1 and h.device.type == "cuda" and triton is not None and not flags & CONV1D and h.shape[0] <= 16:
+        y = gemv_triton(_masked(h, wd_norm, rc_idx, n_R, n_select), wd, launch=torch.library.wrap_triton)
+        if bd is not None:
+            y = y + bd
+        return y.reshape(*h.shape[:-1], y.shape[-1])
+    return decode_seq_reference(h, wd, bd, wd_norm, rc_idx, n_R, n_select, flags)
+
+
+__all__ = ["decode_seq", "decode_seq_reference", "keep_indices"]

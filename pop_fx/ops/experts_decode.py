@@ -20,25 +20,25 @@ from pop_fx.ops.layout import expert_in_rows
 
 
 def _decode_expert(x: Tensor, e: int, g: int, gate_up: Tensor, down: Tensor, rc_idx: Tensor, wd_norm_c: Tensor,
-                   dense: Tensor, w_in: Tensor, wd_t: Tensor, n_R: int, n_select: int, act) -> Tensor:
+                   dense: Tensor, w_in: Tensor, wd_rc: Tensor, n_R: int, n_select: int, act) -> Tensor:
     """Expert ``e``'s output for rows ``x`` [n, H] of partition group ``g`` (before routing weights)."""
     if bool(dense[e, g]):
         gate, up = F.linear(x, gate_up[e]).chunk(2, dim=-1)
         return F.linear(act(gate) * up, down[e])
     d_ff = down.shape[-1]
     if w_in.numel():
-        z, wdt = F.linear(x, w_in[e]), wd_t[e]
+        z, wdl = F.linear(x, w_in[e]), wd_rc[e, :, : w_in.shape[1] // 2]  # rows padded (layout.ROW_ALIGN)
     else:  # scope="sequence": this group's R ∪ C gathered from the original weights
         rc = rc_idx[e, g]
-        z, wdt = F.linear(x, gate_up[e].index_select(0, expert_in_rows(rc, d_ff))), down[e].index_select(1, rc).t()
+        z, wdl = F.linear(x, gate_up[e].index_select(0, expert_in_rows(rc, d_ff))), down[e].index_select(1, rc)
     gate, up = z.chunk(2, dim=-1)
     h_rc = act(gate) * up  # [n, n_R + n_C]
-    y = h_rc[:, :n_R] @ wdt[:n_R]
-    if n_select > 0:
-        h_c = h_rc[:, n_R:]
-        sel = P.select(h_c, wd_norm_c[e, g], n_select)  # positions within C, scored over the group's rows
-        y = torch.addmm(y, h_c.index_select(1, sel), wdt[n_R:].index_select(0, sel))
-    return y
+    if n_select == 0:
+        return F.linear(h_rc[:, :n_R], wdl[:, :n_R])
+    h_c = h_rc[:, n_R:]
+    sel = P.select(h_c, wd_norm_c[e, g], n_select)  # positions within C, scored over the group's rows
+    keep_c = torch.zeros(h_c.shape[-1], dtype=h_c.dtype, device=h_c.device).index_fill_(0, sel, 1)
+    return F.linear(torch.cat([h_rc[:, :n_R], h_c * keep_c], dim=-1), wdl)
 
 
 @torch.library.custom_op("pop::experts_decode", mutates_args=())
@@ -52,7 +52,7 @@ def experts_decode(
     wd_norm_c: Tensor,
     dense: Tensor,
     w_in: Tensor,
-    wd_t: Tensor,
+    wd_rc: Tensor,
     n_R: int,
     n_select: int,
     activation: str,
@@ -69,16 +69,16 @@ def experts_decode(
         x = hidden[token_idx]
         if per_sequence:  # row b is sequence b (one token each): its own partition
             out = torch.cat([_decode_expert(x[i:i + 1], e, int(token_idx[i]), gate_up, down, rc_idx, wd_norm_c, dense,
-                                            w_in, wd_t, n_R, n_select, act) for i in range(x.shape[0])])
+                                            w_in, wd_rc, n_R, n_select, act) for i in range(x.shape[0])])
         else:
-            out = _decode_expert(x, e, 0, gate_up, down, rc_idx, wd_norm_c, dense, w_in, wd_t, n_R, n_select, act)
+            out = _decode_expert(x, e, 0, gate_up, down, rc_idx, wd_norm_c, dense, w_in, wd_rc, n_R, n_select, act)
         out = out * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, out.to(final.dtype))
     return final
 
 
 @experts_decode.register_fake
-def _(hidden, top_k_index, top_k_weights, gate_up, down, rc_idx, wd_norm_c, dense, w_in, wd_t, n_R, n_select,
+def _(hidden, top_k_index, top_k_weights, gate_up, down, rc_idx, wd_norm_c, dense, w_in, wd_rc, n_R, n_select,
       activation, per_sequence):
     return torch.empty_like(hidden)
 

@@ -13,7 +13,7 @@ scope="batch", max_batch_size under scope="sequence":
 * ``wd_norm_c`` [E, G, n_C] fp32 — ||Wd_e[:, j]|| of the candidates;
 * ``dense``    [E, G] bool — the expert got no prefill token and ``empty_expert="dense"``;
 * ``w_in``     [E, 2·(n_R+n_C), H] — gate rows then up rows of R ∪ C, contiguous ("batch" only);
-* ``wd_t``     [E, n_R+n_C, H] — down columns of R ∪ C, channel-major ("batch" only).
+* ``wd_rc``     [E, H, n_R+n_C] — down columns of R ∪ C, each expert in ``nn.Linear``'s layout ("batch" only).
 
 The math follows the eager reference (``pop_fx.reference``: a loop over experts in index
 order, tokens of expert e from ``where(top_k_index.T == e)``, ``index_add_`` into zeros), so
@@ -49,7 +49,7 @@ def _groups(hidden: Tensor, batch: int, attention_mask: Tensor | None, per_seque
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("pop::experts_prefill", mutates_args=("rc_idx", "wd_norm_c", "dense", "w_in", "wd_t"))
+@torch.library.custom_op("pop::experts_prefill", mutates_args=("rc_idx", "wd_norm_c", "dense", "w_in", "wd_rc"))
 def experts_prefill(
     hidden: Tensor,
     top_k_index: Tensor,
@@ -63,7 +63,7 @@ def experts_prefill(
     wd_norm_c: Tensor,
     dense: Tensor,
     w_in: Tensor,
-    wd_t: Tensor,
+    wd_rc: Tensor,
     n_keep: int,
     n_R: int,
     n_C: int,
@@ -95,7 +95,7 @@ def experts_prefill(
                 s = torch.zeros_like(wd_norm[e])  # placeholder partition, never used
             scores.append(s)
         scores = torch.stack(scores)
-        write_expert_partition(e, scores, dense_g, sizes, gate_up, down, wd_norm, rc_idx, wd_norm_c, dense, w_in, wd_t)
+        write_expert_partition(e, scores, dense_g, sizes, gate_up, down, wd_norm, rc_idx, wd_norm_c, dense, w_in, wd_rc)
         if token_idx.numel() == 0:
             continue
         if pruned_prefill:
@@ -110,7 +110,7 @@ def experts_prefill(
 
 @experts_prefill.register_fake
 def _(hidden, top_k_index, top_k_weights, gate_up, down, attention_mask, batch, wd_norm, rc_idx, wd_norm_c, dense,
-      w_in, wd_t, n_keep, n_R, n_C, activation, per_sequence, pruned_prefill, empty_dense):
+      w_in, wd_rc, n_keep, n_R, n_C, activation, per_sequence, pruned_prefill, empty_dense):
     return torch.empty_like(hidden)
 
 

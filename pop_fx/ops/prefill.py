@@ -31,7 +31,7 @@ def _d_out(wd: Tensor, flags: int) -> int:
 
 @torch.library.custom_op(
     "pop::prefill",
-    mutates_args=("rc_idx", "wd_norm_c", "w_in", "b_in", "wd_t"),
+    mutates_args=("rc_idx", "wd_norm_c", "w_in", "b_in", "wd_rc"),
 )
 def prefill(
     h: Tensor,
@@ -47,7 +47,7 @@ def prefill(
     wd_norm_c: Tensor,
     w_in: Tensor,
     b_in: Tensor,
-    wd_t: Tensor,
+    wd_rc: Tensor,
     n_keep: int,
     n_R: int,
     n_C: int,
@@ -66,7 +66,7 @@ def prefill(
             f"batch size {B} exceeds PopConfig.max_batch_size={rc_idx.shape[0]} (scope='sequence'): "
             "compile with a larger max_batch_size"
         )
-    write_partition(scores, sizes, wd, w_a, b_a, w_b, b_b, wd_norm, rc_idx, wd_norm_c, w_in, b_in, wd_t, flags)
+    write_partition(scores, sizes, wd, w_a, b_a, w_b, b_b, wd_norm, rc_idx, wd_norm_c, w_in, b_in, wd_rc, flags)
     if not pruned_prefill:
         return _down(h, wd, bd, flags)
     keep = P.keep_set(scores, sizes)
@@ -77,7 +77,7 @@ def prefill(
 
 
 @prefill.register_fake
-def _(h, attention_mask, wd, bd, w_a, b_a, w_b, b_b, wd_norm, rc_idx, wd_norm_c, w_in, b_in, wd_t,
+def _(h, attention_mask, wd, bd, w_a, b_a, w_b, b_b, wd_norm, rc_idx, wd_norm_c, w_in, b_in, wd_rc,
       n_keep, n_R, n_C, flags, per_sequence, pruned_prefill):
     return h.new_empty(*h.shape[:-1], _d_out(wd, flags))
 

@@ -1,20 +1,28 @@
 """`pop-fx bench`: decode speed of POP against dense and the sliced ideal, side by side in one process.
 
-Variants (each its own compiled module over the *same* Parameters, except the sliced ideal):
+Variants (each its own compiled module over the *same* Parameters, except the copies named below):
 
-* ``dense-eager``   — the model as is;
-* ``dense-inductor`` — stock ``torch.compile`` (Inductor, default options);
-* ``sliced``        — every FFN physically cut to the n_keep channels POP computes per step, under Inductor
-                      (the speed POP could reach at zero overhead);
-* ``pop``           — ``backend="pop"`` at the requested r and γ;
-* ``pop-full``      — ``backend="pop"`` with full re-evaluation (γ = 2);
-* ``pop-proxy``     — ``backend="pop"`` with int8 proxy-scored candidates (``candidate_proxy="int8"``) at
-                      ``--proxy-gamma`` (beyond the paper; see README "Proxy-scored candidates").
+* ``dense-eager``     — the model as is;
+* ``dense-inductor``  — stock ``torch.compile`` (Inductor, default options), gate and up as two GEMVs;
+* ``dense-fused``     — the same with each gated FFN's gate and up concatenated into one projection (a copy
+                        of those weights), the fusion POP's decode uses: the fair dense baseline;
+* ``sliced``          — every FFN physically cut to the n_keep channels POP computes per step, gate and up
+                        fused like POP's (the speed POP could reach at zero overhead: the ideal);
+* ``sliced-unfused``  — the ideal with gate and up as two GEMVs (kept: on some shapes it is the faster one);
+* ``pop``             — ``backend="pop"`` at the requested r and γ;
+* ``pop-full``        — ``backend="pop"`` with full re-evaluation (γ = 2);
+* ``pop-proxy``       — ``backend="pop"`` with proxy-scored candidates (``--proxy``, ``--proxy-gamma``).
 
-Two workloads: ``--ffn-only`` times one FFN layer (a residual stack of K gated FFNs whose weights
-together exceed the caches, so each step streams them from memory, as in a real model), otherwise
-end-to-end ``generate()`` decode tokens/s (prefill excluded). Variants are timed in interleaved rounds
-so that machine noise falls on all of them alike; the medians and the ratios are reported.
+Ratios are against ``dense-fused`` and ``sliced`` (the same fusion as POP, so a ratio measures pruning),
+falling back to ``dense-inductor`` / ``sliced-unfused`` when those did not run. A POP variant in which
+not every FFN site was rewritten in both its prefill and decode graphs is refused, never timed.
+
+Two workloads: ``--ffn-only`` times one FFN layer (a residual stack of K gated FFNs whose weights together
+exceed the caches, so each step streams them from memory, as in a real model), otherwise end-to-end
+``generate()`` decode tokens/s (prefill excluded, taken between the first and last new token). Variants
+are timed in interleaved rounds so that machine noise falls on all of them alike; medians are reported.
+On CUDA (``--device cuda``) the timings use CUDA events around synchronized regions, and
+``--cuda-graphs`` compiles every variant with ``mode="reduce-overhead"``.
 """
 
 from __future__ import annotations
@@ -32,12 +40,14 @@ import torch.nn as nn
 
 from pop_fx.tools.timing import StepStamps
 
-VARIANTS = ("dense-eager", "dense-inductor", "sliced", "pop", "pop-full", "pop-proxy")
-DEFAULT_VARIANTS = VARIANTS[:5]
+VARIANTS = ("dense-eager", "dense-inductor", "dense-fused", "sliced", "sliced-unfused", "pop", "pop-full",
+            "pop-proxy")
+DEFAULT_VARIANTS = ("dense-inductor", "dense-fused", "sliced", "pop")
+POP_VARIANTS = ("pop", "pop-full", "pop-proxy")
 
 
 # ------------------------------------------------------------------------------------------------
-# workloads
+# workloads and the baselines' models
 # ------------------------------------------------------------------------------------------------
 
 
@@ -47,9 +57,10 @@ class GatedFFN(nn.Module):
         self.gate_proj = nn.Linear(d, f, bias=False, dtype=dtype)
         self.up_proj = nn.Linear(d, f, bias=False, dtype=dtype)
         self.down_proj = nn.Linear(f, d, bias=False, dtype=dtype)
+        self.act_fn = nn.functional.silu
 
     def forward(self, x):
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class FFNStack(nn.Module):
@@ -69,37 +80,92 @@ class FFNStack(nn.Module):
         return x
 
 
-def sliced_copy(model: nn.Module, n_keep_of) -> nn.Module:
-    """A copy of ``model`` whose every gated/plain FFN keeps only n_keep channels (the first ones: speed only)."""
+class FusedGatedFFN(nn.Module):
+    """A gated FFN whose gate and up rows are one [2f, d] projection: ``down(act(g) * u)``, ``g, u = chunk(gate_up(x))``.
+
+    The layout POP's decode reads (one GEMV over gate and up rows), given to the baselines so that a ratio
+    measures pruning, not fusion."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: nn.Linear, act):
+        super().__init__()
+        f, d = gate.shape
+        self.gate_up_proj = nn.Linear(d, 2 * f, bias=False, dtype=gate.dtype, device=gate.device)
+        self.gate_up_proj.weight.data = torch.cat([gate.detach(), up.detach()]).contiguous()
+        self.down_proj = down
+        self.act_fn = act
+
+    def forward(self, x):
+        g, u = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(g) * u)
+
+
+def _structural_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every Parameter and buffer with ``model`` (no weight is copied)."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+def _gated_sites(model: nn.Module):
+    from pop_fx.sites import find_module_sites
+
+    for s in find_module_sites(model)[0]:
+        if s.kind in ("gated", "shared_expert") and tuple(s.inputs) in (("gate_proj", "up_proj"), ("w1", "w3")) \
+                and getattr(s.module, "act_fn", None) is not None \
+                and all(getattr(s.module, n).bias is None for n in s.inputs):
+            yield s
+
+
+def fused_copy(model: nn.Module) -> nn.Module:
+    """``model`` with every bias-free gated FFN's gate and up fused into one projection (new [2f, d] weights;
+    the rest shared)."""
+    out = _structural_copy(model)
+    for s in list(_gated_sites(out)):
+        g, u = (getattr(s.module, n).weight for n in s.inputs)
+        _set_module(out, s.path, FusedGatedFFN(g, u, s.down, s.module.act_fn))
+    return out
+
+
+def sliced_copy(model: nn.Module, n_keep_of, fused: bool = False) -> nn.Module:
+    """A copy of ``model`` whose every gated/plain FFN keeps only n_keep channels (the first ones: speed only).
+
+    ``fused``: gated FFNs also get gate and up as one projection (``FusedGatedFFN``), as POP's decode reads them.
+    """
     from pop_fx.sites import find_module_sites
 
     out = copy.deepcopy(model)
     sites, _ = find_module_sites(out)
     for s in sites:
-        if s.kind not in ("gated", "plain", "fused_gated"):
+        if s.kind not in ("gated", "plain", "fused_gated", "shared_expert"):
             continue
         k = n_keep_of(s.d_ff)
         for name, mod in list(s.module.named_children()):
             if not isinstance(mod, nn.Linear):
                 continue
             if mod is s.down:
-                new = nn.Linear(k, mod.out_features, bias=mod.bias is not None, dtype=mod.weight.dtype)
+                new = nn.Linear(k, mod.out_features, bias=mod.bias is not None, dtype=mod.weight.dtype,
+                                device=mod.weight.device)
                 new.weight.data = mod.weight.data[:, :k].contiguous()
                 if mod.bias is not None:
                     new.bias.data = mod.bias.data.clone()
             elif mod.out_features in (s.d_ff, 2 * s.d_ff):
                 rows = k if mod.out_features == s.d_ff else 2 * k
                 idx = torch.arange(k) if rows == k else torch.cat([torch.arange(k), s.d_ff + torch.arange(k)])
-                new = nn.Linear(mod.in_features, rows, bias=mod.bias is not None, dtype=mod.weight.dtype)
-                new.weight.data = mod.weight.data[idx].contiguous()
+                new = nn.Linear(mod.in_features, rows, bias=mod.bias is not None, dtype=mod.weight.dtype,
+                                device=mod.weight.device)
+                new.weight.data = mod.weight.data[idx.to(mod.weight.device)].contiguous()
                 if mod.bias is not None:
-                    new.bias.data = mod.bias.data[idx].clone()
+                    new.bias.data = mod.bias.data[idx.to(mod.weight.device)].clone()
             else:
                 continue
             setattr(s.module, name, new)
         if hasattr(s.module, "intermediate_size"):
             s.module.intermediate_size = k
-    return out
+    return fused_copy(out) if fused else out
 
 
 def _shallow(model: nn.Module) -> nn.Module:
@@ -113,6 +179,30 @@ def _shallow(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------------------
 # timing
 # ------------------------------------------------------------------------------------------------
+
+
+class Clock:
+    """Wall time of a region on one device: ``perf_counter`` on the CPU; on CUDA the region is synchronized
+    on both ends and timed with CUDA events (device work is asynchronous)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def seconds_since(self, start) -> float:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3
+        return time.perf_counter() - start
 
 
 @dataclass
@@ -132,89 +222,111 @@ def proxy_config(config, gamma: float = 1.0, proxy: str = "int8"):
     return config.replace(candidate_proxy=proxy, candidate_ratio=gamma)
 
 
-def _build_variants(model, config, variants, n_keep_of, proxy_gamma: float = 1.0, proxy: str = "int8"):
+def _build_variants(model, config, variants, n_keep_of, proxy_gamma: float = 1.0, proxy: str = "int8",
+                    mode: str | None = None):
     import pop_fx
 
     built = {}
+    inductor = dict(backend="inductor", mode=mode) if mode else dict(backend="inductor")
     for v in variants:
         torch.manual_seed(0)
         if v == "dense-eager":
             built[v] = model
-        elif v == "dense-inductor":
-            m = _shallow(model)
-            m.compile(backend="inductor")
+        elif v in ("dense-inductor", "dense-fused", "sliced", "sliced-unfused"):
+            m = {"dense-inductor": lambda: _shallow(model), "dense-fused": lambda: fused_copy(model),
+                 "sliced": lambda: sliced_copy(model, n_keep_of, fused=True),
+                 "sliced-unfused": lambda: sliced_copy(model, n_keep_of)}[v]()
+            m.compile(**inductor)
             built[v] = m
-        elif v == "sliced":
-            m = sliced_copy(model, n_keep_of)
-            m.compile(backend="inductor")
-            built[v] = m
-        elif v == "pop":
-            built[v] = pop_fx.compile(_shallow(model), config)
-        elif v == "pop-full":
-            built[v] = pop_fx.compile(_shallow(model), config.replace(candidate_ratio=2.0))
-        elif v == "pop-proxy":
-            built[v] = pop_fx.compile(_shallow(model), proxy_config(config, proxy_gamma, proxy))
+        elif v in POP_VARIANTS:
+            cfg = {"pop": config, "pop-full": config.replace(candidate_ratio=2.0),
+                   "pop-proxy": proxy_config(config, proxy_gamma, proxy)}[v]
+            built[v] = pop_fx.compile(_shallow(model), cfg, mode=mode)
         else:
             raise ValueError(f"variant={v!r} is invalid: allowed one of {list(VARIANTS)}")
     return built
 
 
+def require_fully_rewritten(name: str, m: nn.Module) -> None:
+    """Refuse to time a POP variant in which some FFN site was not rewritten in both its prefill and decode
+    graphs (a graph break, the recompile limit, an unsupported block): its timing would not be POP's."""
+    import pop_fx
+
+    rep = pop_fx.report(m)
+    missing = [s["path"] for s in rep.sites if set(s["graphs"]) != {"prefill", "decode"}]
+    problems = rep.warnings + [f"{d['path']} left dense: {d['reason']}" for d in rep.dense if d.get("matched")] + \
+        [f"{p}: rewritten only in {sorted(s['graphs'])}" for p, s in ((s["path"], s) for s in rep.sites) if p in missing]
+    if not rep.sites or problems:
+        raise RuntimeError(f"pop-fx bench: variant {name!r} is not POP at every FFN site, so it is not timed: "
+                           + ("; ".join(problems) if problems else "no site was rewritten"))
+
+
 def bench_ffn(d: int, f: int, k: int, config, *, batch: int = 1, prompt: int = 16, steps: int = 20,
               rounds: int = 5, dtype=torch.float32, variants=DEFAULT_VARIANTS, proxy_gamma: float = 1.0,
-              proxy: str = "int8") -> dict[str, Cell]:
+              proxy: str = "int8", device: str = "cpu", mode: str | None = None) -> dict[str, Cell]:
     """Per-layer decode-step time of a K-layer FFN stack (ms), each variant compiled once."""
     from pop_fx.partition import partition_sizes
 
-    model = FFNStack(d, f, k, dtype).eval()
+    model = FFNStack(d, f, k, dtype).to(device).eval()
     n_keep_of = lambda ff: partition_sizes(ff, config.sparsity, config.candidate_ratio).n_keep  # noqa: E731
-    built = _build_variants(model, config, variants, n_keep_of, proxy_gamma, proxy)
-    x_pre = torch.randn(batch, prompt, d, dtype=dtype)
-    x_dec = torch.randn(batch, 1, d, dtype=dtype)
+    built = _build_variants(model, config, variants, n_keep_of, proxy_gamma, proxy, mode)
+    g = torch.Generator().manual_seed(0)
+    x_pre = torch.randn(batch, prompt, d, generator=g).to(device, dtype)
+    x_dec = torch.randn(batch, 1, d, generator=g).to(device, dtype)
     cells = {v: Cell(v) for v in variants}
+    clock = Clock(device)
     with torch.no_grad():
         for v, m in built.items():  # compile + warm up: prefill then decode graphs
-            for _ in range(2):
+            for _ in range(3):
                 m(x_pre)
                 m(x_dec)
-            t0 = time.perf_counter()
+            if v in POP_VARIANTS:
+                require_fully_rewritten(v, m)
+            t0 = clock.start()
             m(x_pre)
-            cells[v].prefill_s = time.perf_counter() - t0
+            cells[v].prefill_s = clock.seconds_since(t0)
         for _ in range(rounds):
             for v, m in built.items():
                 m(x_pre)  # each round re-partitions, as a new prompt would
-                t0 = time.perf_counter()
+                t0 = clock.start()
                 for _ in range(steps):
                     m(x_dec)
-                cells[v].times.append((time.perf_counter() - t0) / steps / k * 1e3)
+                cells[v].times.append(clock.seconds_since(t0) / steps / k * 1e3)
     _extra(built, cells)
     return cells
 
 
 def bench_generate(model, tok, config, *, batch: int = 1, prompt: str | None = None, new_tokens: int = 32,
-                   rounds: int = 3, variants=DEFAULT_VARIANTS, proxy_gamma: float = 1.0,
-              proxy: str = "int8") -> dict[str, Cell]:
+                   rounds: int = 3, variants=DEFAULT_VARIANTS, proxy_gamma: float = 1.0, proxy: str = "int8",
+                   mode: str | None = None) -> dict[str, Cell]:
     """End-to-end greedy decode tokens/s (prefill excluded) of each variant."""
     from pop_fx.partition import partition_sizes
 
     n_keep_of = lambda ff: partition_sizes(ff, config.sparsity, config.candidate_ratio).n_keep  # noqa: E731
-    built = _build_variants(model, config, variants, n_keep_of, proxy_gamma, proxy)
+    built = _build_variants(model, config, variants, n_keep_of, proxy_gamma, proxy, mode)
+    device = next(model.parameters()).device
     if tok is None:  # synthetic model: a fixed random prompt of 24 tokens
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(3, model.config.vocab_size, (batch, 24), generator=g)
         enc, pad = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 0
     else:
         text = prompt or "In the beginning, God created the heavens and the earth. The earth was formless and empty."
-        enc = tok([text] * batch, return_tensors="pt")
+        enc = dict(tok([text] * batch, return_tensors="pt"))
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    enc = {k: v.to(device) for k, v in enc.items()}
     kw = dict(do_sample=False, pad_token_id=pad)
     cells = {v: Cell(v) for v in variants}
+    cuda = device.type == "cuda"
 
     def gen(m, n):
-        """(prefill s, decode tokens/s) of one generate(): a logits processor stamps every step, so the
-        decode rate is taken between the first and the last token of the same call (prefill excluded)."""
+        """(prefill s, decode tokens/s) of one generate(): a logits processor stamps every step (after a
+        device sync on CUDA), so the decode rate is taken between the first and the last token of the same
+        call (prefill excluded)."""
         from transformers import LogitsProcessorList
 
-        stamps = StepStamps()
+        stamps = StepStamps(sync=cuda)
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         m.generate(**enc, max_new_tokens=n, min_new_tokens=n, logits_processor=LogitsProcessorList([stamps]), **kw)
         return stamps.t[0] - t0, stamps.decode_rate()
@@ -223,6 +335,8 @@ def bench_generate(model, tok, config, *, batch: int = 1, prompt: str | None = N
         for v, m in built.items():  # compile every graph these lengths need
             gen(m, new_tokens)
             gen(m, new_tokens)
+            if v in POP_VARIANTS:
+                require_fully_rewritten(v, m)
         for _ in range(rounds):
             for v, m in built.items():
                 prefill_s, rate = gen(m, new_tokens)
@@ -235,9 +349,22 @@ def bench_generate(model, tok, config, *, batch: int = 1, prompt: str | None = N
 def _extra(built, cells):
     import pop_fx
 
-    for v in ("pop", "pop-full", "pop-proxy"):
+    for v in POP_VARIANTS:
         if v in built:
             cells[v].extra_bytes = pop_fx.report(built[v]).extra_bytes
+
+
+def copy_bandwidth(device: str, mib: int = 1024) -> float:
+    """GB/s of a device-to-device copy (bytes read plus bytes written), the ceiling a GEMV is measured against."""
+    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    clock = Clock(device)
+    for _ in range(3):
+        dst.copy_(src)
+    t0 = clock.start()
+    for _ in range(10):
+        dst.copy_(src)
+    return 2 * src.numel() * 4 * 10 / clock.seconds_since(t0) / 1e9
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,20 +385,40 @@ def synthetic_1b(dtype=torch.float32):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ffn-only", action="store_true", help="time one FFN layer (a stack of K) instead of generate()")
-    parser.add_argument("--shape", default="1b", choices=["1b", "smollm2"],
-                        help="--ffn-only shape: 1b = d 2048, d_ff 5632; smollm2 = d 576, d_ff 1536")
+    parser.add_argument("--shape", default="1b", choices=["1b", "smollm2", "7b"],
+                        help="--ffn-only shape: 1b = d 2048, d_ff 5632; smollm2 = d 576, d_ff 1536; 7b = d 4096, d_ff 14336")
     parser.add_argument("--layers", type=int, default=8, help="--ffn-only: FFN layers in the stack (default %(default)s)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="compile every variant with mode='reduce-overhead'")
+    parser.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
+                        help="PopConfig.kernels of the POP variants (CUDA decode kernels; default %(default)s)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--proxy-gamma", type=float, default=1.0, help="candidate_ratio of the pop-proxy variant (default %(default)s)")
     parser.add_argument("--proxy", default="int8", choices=["int8", "int3", "int8-gate"],
                         help="candidate_proxy of the pop-proxy variant (default %(default)s)")
     parser.add_argument("--full", action="store_true",
-                        help="every cell: r in {0.3, 0.5} x batch {1, 8} x {float32, bfloat16} (scope='sequence' "
-                             "at batch 8 on smollm2); --model synthetic-1b for the 1B-shaped model")
+                        help="every cell of README's speed table (1B-shaped FFN stack: fp32/bf16/fp16 at batch 1, "
+                             "fp32/bf16 at batch 8; SmolLM2 end to end: fp32 and bf16 at batch 1, scope='sequence' "
+                             "at batch 8), r=0.5, γ=0.1")
+
+
+def _full_cells(args, config):
+    """(label, args overrides, config, batch, dtype) of every --full cell."""
+    seq = config.replace(scope="sequence")
+    return [
+        ("1B FFN layer, fp32, batch 1", dict(ffn_only=True, shape="1b"), config, 1, torch.float32),
+        ("1B FFN layer, bf16, batch 1", dict(ffn_only=True, shape="1b"), config, 1, torch.bfloat16),
+        ("1B FFN layer, fp16, batch 1", dict(ffn_only=True, shape="1b"), config, 1, torch.float16),
+        ("1B FFN layer, fp32, batch 8", dict(ffn_only=True, shape="1b"), config, 8, torch.float32),
+        ("1B FFN layer, bf16, batch 8", dict(ffn_only=True, shape="1b"), config, 8, torch.bfloat16),
+        ("SmolLM2, fp32, batch 1", dict(ffn_only=False), config, 1, torch.float32),
+        ("SmolLM2, bf16, batch 1", dict(ffn_only=False), config, 1, torch.bfloat16),
+        ("SmolLM2, fp32, batch 8, scope=sequence", dict(ffn_only=False), seq, 8, torch.float32),
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -279,20 +426,20 @@ def run(args: argparse.Namespace) -> int:
     from pop_fx.tools.models import parse_dtype
 
     torch.set_num_threads(args.threads)
-    config = config_from_args(args)
+    config = config_from_args(args).replace(kernels=args.kernels)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"--variants: {v!r} is invalid: allowed {list(VARIANTS)}")
-    cells = [(config, args.batch, parse_dtype(args.dtype))]
     if args.full:
-        cells = []
-        for dt in (torch.float32, torch.bfloat16):
-            for b in (1, 8):
-                for r in (0.3, 0.5):
-                    scope = "sequence" if (b > 1 and args.model == "smollm2" and not args.ffn_only) else config.scope
-                    cells.append((config.replace(sparsity=r, scope=scope), b, dt))
-    tables = [_run_cell(args, cfg, b, dt, variants) for cfg, b, dt in cells]
+        tables = []
+        for label, over, cfg, b, dt in _full_cells(args, config):
+            cell_args = argparse.Namespace(**{**vars(args), **over})
+            if not args.json:
+                print(f"== {label}")
+            tables.append(dict(label=label, **_run_cell(cell_args, cfg, b, dt, variants)))
+    else:
+        tables = [_run_cell(args, config, args.batch, parse_dtype(args.dtype), variants)]
     if args.json:
         print(json.dumps(tables if args.full else tables[0], indent=2))
     return 0
@@ -314,24 +461,30 @@ def _run_cell(args, config, batch, dtype, variants) -> dict:
     return out
 
 
+SHAPES = {"1b": (2048, 5632), "smollm2": (576, 1536), "7b": (4096, 14336)}
+
+
 def _measure_cell(args, config, batch, dtype, variants) -> dict:
     from pop_fx.tools.models import load_model
 
+    device = getattr(args, "device", "cpu")
+    mode = "reduce-overhead" if getattr(args, "cuda_graphs", False) else None
     if args.ffn_only:
-        d, f = (2048, 5632) if args.shape == "1b" else (576, 1536)
+        d, f = SHAPES[args.shape]
         cells = bench_ffn(d, f, args.layers, config, batch=batch, rounds=args.rounds, dtype=dtype, variants=variants,
-                          proxy_gamma=args.proxy_gamma, proxy=args.proxy)
+                          proxy_gamma=args.proxy_gamma, proxy=args.proxy, device=device, mode=mode)
         unit, higher_better, what = "ms/layer", False, f"one FFN layer d={d} d_ff={f} (stack of {args.layers})"
     else:
         if args.model == "synthetic-1b":
             model, tok = synthetic_1b(dtype), None
         else:
             model, tok = load_model(args.model, dtype)
+        model = model.to(device)
         cells = bench_generate(model, tok, config, batch=batch, new_tokens=args.new_tokens, rounds=args.rounds,
-                               variants=variants, proxy_gamma=args.proxy_gamma, proxy=args.proxy)
+                               variants=variants, proxy_gamma=args.proxy_gamma, proxy=args.proxy, mode=mode)
         unit, higher_better, what = "tokens/s", True, f"{args.model} generate() decode"
-    base = cells.get("dense-inductor")
-    ideal = cells.get("sliced")
+    base = cells.get("dense-fused") or cells.get("dense-inductor")
+    ideal = cells.get("sliced") or cells.get("sliced-unfused")
 
     def speedup(c, ref):
         if ref is None:
@@ -339,17 +492,18 @@ def _measure_cell(args, config, batch, dtype, variants) -> dict:
         return c.median / ref.median if higher_better else ref.median / c.median
 
     rows = [dict(variant=v, median=c.median, unit=unit, samples=c.times, prefill_s=c.prefill_s,
-                 speedup_vs_dense_inductor=speedup(c, base), speedup_vs_sliced=speedup(c, ideal),
+                 speedup_vs_dense=speedup(c, base), speedup_vs_ideal=speedup(c, ideal),
                  extra_mib=c.extra_bytes / 2**20) for v, c in cells.items()]
     meta = dict(what=what, config=config.as_dict(), batch=batch, dtype=str(dtype), threads=args.threads,
-                torch=torch.__version__)
+                device=device, torch=torch.__version__, dense=base.variant if base else None,
+                ideal=ideal.variant if ideal else None)
     if not args.json:
-        print(f"{what}, batch {batch}, {dtype}, {args.threads} threads, r={config.sparsity} "
+        print(f"{what}, batch {batch}, {dtype}, {device}, {args.threads} threads, r={config.sparsity} "
               f"γ={config.candidate_ratio} scope={config.scope}")
-        print(f"{'variant':16s} {unit:>10s} {'× dense-ind':>12s} {'× sliced':>9s} {'prefill s':>10s} {'extra MiB':>10s}")
+        print(f"{'variant':16s} {unit:>10s} {'× dense':>9s} {'× ideal':>9s} {'prefill s':>10s} {'extra MiB':>10s}")
         for r in rows:
-            print(f"{r['variant']:16s} {r['median']:10.3f} {r['speedup_vs_dense_inductor']:12.3f} "
-                  f"{r['speedup_vs_sliced']:9.3f} {r['prefill_s']:10.4f} {r['extra_mib']:10.1f}")
-        print("(× columns: speed relative to that variant, > 1 is faster)\n")
+            print(f"{r['variant']:16s} {r['median']:10.3f} {r['speedup_vs_dense']:9.3f} "
+                  f"{r['speedup_vs_ideal']:9.3f} {r['prefill_s']:10.4f} {r['extra_mib']:10.1f}")
+        print(f"(× columns: speed relative to {meta['dense']} and {meta['ideal']}, > 1 is faster)\n")
     gc.collect()
     return dict(meta=meta, rows=rows)

@@ -12,12 +12,20 @@ from transformers import LogitsProcessor
 
 
 class StepStamps(LogitsProcessor):
-    """Records ``time.perf_counter()`` when each step's logits are ready (one stamp per new token)."""
+    """Records ``time.perf_counter()`` when each step's logits are ready (one stamp per new token).
 
-    def __init__(self):
+    ``sync``: synchronize the CUDA device before each stamp (its work is asynchronous: without it the stamps
+    time the launches, not the steps)."""
+
+    def __init__(self, sync: bool = False):
         self.t: list[float] = []
+        self.sync = sync
 
     def __call__(self, input_ids, scores):
+        if self.sync:
+            import torch
+
+            torch.cuda.synchronize()
         self.t.append(time.perf_counter())
         return scores
 

@@ -7,48 +7,55 @@ import torch
 
 from pop_fx import partition as P
 from pop_fx.lowbit import quantize_rows
-from pop_fx.ops.decode import decode_down_triton
-from pop_fx.ops.decode_seq import decode_seq_triton, keep_indices
-from pop_fx.ops.layout import CONV1D
+from pop_fx.ops.decode import decode_reference, decode_triton
 from pop_fx.ops.rows_gemv import rows_gemv_triton
+from pop_fx.ops.splitk_gemv import gemv_triton, select_triton
 
 out = []
+
+
+def record(kernel, dtype, shape, got, ref):
+    got, ref = got.double(), ref.double()
+    out.append(dict(kernel=kernel, dtype=str(dtype), shape=shape, err=(got - ref).abs().max().item(),
+                    scale=ref.abs().max().item(), nan=bool(torch.isnan(got).any())))
+
+
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
-    for B, n_R, n_C, N, k in [(1, 45, 13, 131, 6), (3, 37, 19, 70, 7), (2, 0, 40, 33, 20), (1, 5, 1, 200, 1)]:
-        g = torch.Generator().manual_seed(B * 1000 + N)
-        h = torch.randn(B, n_R + n_C, generator=g).to(dtype)
-        wd_t = torch.randn(n_R + n_C, N, generator=g).to(dtype)
-        sel = torch.randperm(n_C, generator=g)[:k]
-        got = decode_down_triton(h, wd_t, sel, n_R).double()
-        keep = torch.cat([torch.arange(n_R), n_R + sel])
-        ref = h.double()[:, keep] @ wd_t.double()[keep]
-        out.append(dict(kernel="decode_down", dtype=str(dtype), shape=[B, n_R, n_C, N, k],
-                        err=(got - ref).abs().max().item(), scale=ref.abs().max().item()))
-    for conv1d in (False, True):
-        B, f, N, n_R, k = 3, 53, 29, 20, 9
-        g = torch.Generator().manual_seed(7)
-        h = torch.randn(B, f, generator=g).to(dtype)
-        wd = torch.randn((f, N) if conv1d else (N, f), generator=g).to(dtype)
-        wd_norm = P.down_column_norm(wd, 0 if conv1d else -1)
-        rc = torch.stack([torch.randperm(f, generator=g)[:40] for _ in range(4)])
-        keep = keep_indices(h, wd_norm, rc, n_R, k)
-        got = decode_seq_triton(h, wd, keep, CONV1D if conv1d else 0).double()
-        cols = wd.double() if conv1d else wd.double().t()
-        ref = torch.stack([h.double()[b, keep[b]] @ cols[keep[b]] for b in range(B)])
-        out.append(dict(kernel="decode_seq", dtype=str(dtype), shape=[B, f, N, n_R, k, conv1d],
-                        err=(got - ref).abs().max().item(), scale=ref.abs().max().item()))
+    # split-K GEMV: odd N and K, batches 1..16, K smaller than one tile and spanning several splits
+    for B, N, K in [(1, 131, 45), (3, 70, 300), (16, 33, 129), (2, 200, 1000), (1, 1, 7)]:
+        g = torch.Generator().manual_seed(B * 1000 + N + K)
+        x = torch.randn(B, K, generator=g).to(dtype)
+        w = torch.randn(N, K, generator=g).to(dtype)
+        record("gemv", dtype, [B, N, K], gemv_triton(x, w), x.double() @ w.double().t())
+    # select: exactly the top-k set of partition.select, ties (integer activations) and NaN included
+    for B, n_R, n_C, k, ties in [(1, 5, 13, 6, False), (3, 0, 40, 20, True), (2, 7, 100, 1, True), (1, 2, 9, 8, False)]:
+        g = torch.Generator().manual_seed(n_C * 7 + k)
+        h = (torch.randint(-2, 3, (B, n_R + n_C), generator=g).float() if ties else torch.randn(B, n_R + n_C, generator=g))
+        if ties:
+            h[0, n_R + 3] = float("nan")
+        h = h.to(dtype)
+        wn = torch.ones(n_C) if ties else torch.rand(n_C, generator=g) + 0.1
+        got = select_triton(h, wn, n_R, k)
+        want_sel = P.select(h[:, n_R:], wn, k)
+        want = torch.cat([h[:, :n_R], h[:, n_R:] * torch.zeros(n_C, dtype=h.dtype).index_fill_(0, want_sel, 1)], -1)
+        same_set = torch.equal(torch.nan_to_num(got.double(), 9.0), torch.nan_to_num(want.double(), 9.0))
+        out.append(dict(kernel="select", dtype=str(dtype), shape=[B, n_R, n_C, k], err=0.0 if same_set else 1e9,
+                        scale=0.0, nan=False))
+    # the decode op's Triton path end to end, against its torch path
+    for B, n_R, n_C, N, k in [(1, 45, 13, 131, 6), (3, 37, 19, 70, 7), (2, 0, 40, 33, 20), (1, 5, 2, 200, 1)]:
+        g = torch.Generator().manual_seed(B * 77 + N)
+        h = torch.randn(B, 1, n_R + n_C, generator=g).to(dtype)
+        wd_rc = torch.randn(N, n_R + n_C, generator=g).to(dtype)
+        wn = torch.rand(n_C, generator=g) + 0.1
+        record("decode", dtype, [B, n_R, n_C, N, k], decode_triton(h, wd_rc, None, wn, n_R, k),
+               decode_reference(h.double(), wd_rc.double(), None, wn, n_R, k))
     for B, n, K, k in [(1, 70, 37, 13), (3, 50, 130, 50), (2, 9, 200, 1)]:
         g = torch.Generator().manual_seed(n * 10 + K)
         x = torch.randn(B, K, generator=g).to(dtype)
         w = torch.randn(n, K, generator=g).to(dtype)
         rows = torch.randperm(n, generator=g)[:k]
-        got = rows_gemv_triton(x, w, rows).double()  # the exact gathered gate/up rows
-        ref = x.double() @ w.double()[rows].t()
-        out.append(dict(kernel="rows_gemv", dtype=str(dtype), shape=[B, n, K, k],
-                        err=(got - ref).abs().max().item(), scale=ref.abs().max().item()))
+        record("rows_gemv", dtype, [B, n, K, k], rows_gemv_triton(x, w, rows), x.double() @ w.double()[rows].t())
         q, s = quantize_rows(w)
-        got = rows_gemv_triton(x, q, rows, s, torch.float32).double()  # the int8 proxy rows
-        ref = x.double() @ (q.double() * s.double()[:, None])[rows].t()
-        out.append(dict(kernel="rows_gemv_int8", dtype=str(dtype), shape=[B, n, K, k],
-                        err=(got - ref).abs().max().item(), scale=ref.abs().max().item()))
+        record("rows_gemv_int8", dtype, [B, n, K, k], rows_gemv_triton(x, q, rows, s, torch.float32),
+               x.double() @ (q.double() * s.double()[:, None])[rows].t())
 json.dump(out, sys.stdout)

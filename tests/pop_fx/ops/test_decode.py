@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pop_fx import partition as P
-from pop_fx.ops.decode import decode, decode_down_reference
+from pop_fx.ops.decode import decode, decode_reference
 from pop_fx.partition import candidate_topk
 
 # One unit of rounding of the output at its scale (fp32 accumulation, one rounding to the dtype). A wrong
@@ -13,7 +13,7 @@ from pop_fx.partition import candidate_topk
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 
 
-def definition(h_rc, wd_t, bd, wd_norm_c, n_R, k, wrong=False):
+def definition(h_rc, wd_rc, bd, wd_norm_c, n_R, k, wrong=False):
     """Wd[:, R ∪ S_t] · H_t[R ∪ S_t], S_t by POP_SPEC's stable ranking, in fp64 (``wrong``: S_t's best candidate
     swapped for the worst one, the negative control)."""
     h2 = h_rc.reshape(-1, h_rc.shape[-1]).double()
@@ -25,7 +25,7 @@ def definition(h_rc, wd_t, bd, wd_norm_c, n_R, k, wrong=False):
             order = P.rank(P.candidate_scores(h_c, wd_norm_c)).tolist()
             sel = [c for c in sel if c != order[0]] + [order[-1]]
         keep += [n_R + c for c in sel]
-    y = h2[:, keep] @ wd_t.double()[keep]
+    y = h2[:, keep] @ wd_rc.double()[:, keep].t()
     if bd is not None:
         y = y + bd.double()
     return y.reshape(*h_rc.shape[:-1], -1)
@@ -34,10 +34,10 @@ def definition(h_rc, wd_t, bd, wd_norm_c, n_R, k, wrong=False):
 def _case(B, n_R, n_C, N, k, dtype, bias, seed):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(B, 1, n_R + n_C, generator=g).to(dtype)
-    wd_t = torch.randn(n_R + n_C, N, generator=g).to(dtype)
+    wd_rc = torch.randn(N, n_R + n_C, generator=g).to(dtype)
     bd = torch.randn(N, generator=g).to(dtype) if bias else None
     wd_norm_c = torch.rand(n_C, generator=g) + 0.1
-    return h, wd_t, bd, wd_norm_c
+    return h, wd_rc, bd, wd_norm_c
 
 
 @settings(max_examples=40, deadline=None)
@@ -45,22 +45,22 @@ def _case(B, n_R, n_C, N, k, dtype, bias, seed):
        frac=st.floats(0, 1), bias=st.booleans(), seed=st.integers(0, 10_000))
 def test_reference_equals_definition_fp32(B, n_R, n_C, N, frac, bias, seed):
     k = round(frac * n_C)
-    h, wd_t, bd, wn = _case(B, n_R, n_C, N, k, torch.float32, bias, seed)
-    got = decode_down_reference(h, wd_t, bd, wn, n_R, k)
+    h, wd_rc, bd, wn = _case(B, n_R, n_C, N, k, torch.float32, bias, seed)
+    got = decode_reference(h, wd_rc, bd, wn, n_R, k)
     assert got.shape == (B, 1, N)
-    torch.testing.assert_close(got.double(), definition(h, wd_t, bd, wn, n_R, k), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.double(), definition(h, wd_rc, bd, wn, n_R, k), atol=1e-4, rtol=1e-4)
 
 
 def test_odd_shapes_each_dtype():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for B, n_R, n_C, N, k in [(1, 691, 154, 576, 77), (3, 37, 19, 131, 7), (2, 0, 64, 33, 32), (1, 5, 1, 7, 1)]:
-            h, wd_t, bd, wn = _case(B, n_R, n_C, N, k, dtype, True, B * N)
-            got = decode(h, wd_t, bd, wn, n_R, k).double()  # the registered op, as the graph calls it
-            ref = definition(h, wd_t, bd, wn, n_R, k)
+            h, wd_rc, bd, wn = _case(B, n_R, n_C, N, k, dtype, True, B * N)
+            got = decode(h, wd_rc, bd, wn, n_R, k).double()  # the registered op, as the graph calls it
+            ref = definition(h, wd_rc, bd, wn, n_R, k)
             tol = TOL[dtype] * (ref.abs().max().item() + 1)
             assert (got - ref).abs().max().item() <= tol, (dtype, B, n_R, n_C)
             if 0 < k < n_C:  # a worse candidate exists to swap in
-                assert (got - definition(h, wd_t, bd, wn, n_R, k, wrong=True)).abs().max().item() > tol
+                assert (got - definition(h, wd_rc, bd, wn, n_R, k, wrong=True)).abs().max().item() > tol
 
 
 @settings(max_examples=40, deadline=None)

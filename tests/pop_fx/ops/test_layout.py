@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pop_fx import partition as P
-from pop_fx.ops.layout import CONV1D, FUSED, write_partition
+from pop_fx.ops.layout import CONV1D, FUSED, padded, write_partition
 
 
 @pytest.mark.parametrize("flags", [0, FUSED, CONV1D])
@@ -25,9 +25,9 @@ def test_layout_equals_gathers(flags):
     wd_norm = P.down_column_norm(wd, 0 if flags & CONV1D else -1)
     n_in = 2 if gated else 1
     rc_idx, wd_norm_c = torch.zeros(1, n_rc, dtype=torch.long), torch.zeros(1, sizes.n_C)
-    w_in, b_in, wd_t = torch.zeros(n_in * n_rc, d), torch.zeros(n_in * n_rc), torch.zeros(n_rc, out)
+    w_in, b_in, wd_rc = torch.zeros(n_in * n_rc, d), torch.zeros(n_in * n_rc), torch.zeros(out, padded(n_rc))
     scores = torch.rand(f, generator=g)
-    write_partition(scores, sizes, wd, w_a, b_a, w_b, None, wd_norm, rc_idx, wd_norm_c, w_in, b_in, wd_t, flags)
+    write_partition(scores, sizes, wd, w_a, b_a, w_b, None, wd_norm, rc_idx, wd_norm_c, w_in, b_in, wd_rc, flags)
     part = P.split(scores, sizes)
     rc = torch.cat([part.R, part.C])
     assert torch.equal(rc_idx[0], rc)
@@ -41,4 +41,6 @@ def test_layout_equals_gathers(flags):
         assert torch.equal(b_in, torch.cat([b_a[rc], torch.zeros(n_rc)]))
     else:
         assert torch.equal(w_in, rows_a[rc]) and torch.equal(b_in, b_a[rc])
-    assert torch.equal(wd_t, wd[rc] if flags & CONV1D else wd[:, rc].t())
+    # [d_out, n_rc] in nn.Linear's layout, each row padded with zeros to a 16-element stride
+    assert torch.equal(wd_rc[:, :n_rc], wd[rc].t() if flags & CONV1D else wd[:, rc])
+    assert wd_rc.stride(0) % 16 == 0 and not wd_rc[:, n_rc:].any()

@@ -15,14 +15,14 @@ SIZES = P.partition_sizes(F, 0.5, 0.2)
 def _state():
     n_rc = SIZES.n_R + SIZES.n_C
     return (torch.zeros(1, n_rc, dtype=torch.long), torch.zeros(1, SIZES.n_C), torch.zeros(2 * n_rc, D),
-            torch.zeros(2 * n_rc), torch.zeros(n_rc, OUT))
+            torch.zeros(2 * n_rc), torch.zeros(OUT, n_rc))
 
 
 def _partition(h, mask, seed=0):
     g = torch.Generator().manual_seed(seed)
     wd, w_a, w_b = torch.randn(OUT, F, generator=g), torch.randn(F, D, generator=g), torch.randn(F, D, generator=g)
-    rc_idx, wd_norm_c, w_in, b_in, wd_t = _state()
-    y = prefill(h, mask, wd, None, w_a, None, w_b, None, P.down_column_norm(wd), rc_idx, wd_norm_c, w_in, b_in, wd_t,
+    rc_idx, wd_norm_c, w_in, b_in, wd_rc = _state()
+    y = prefill(h, mask, wd, None, w_a, None, w_b, None, P.down_column_norm(wd), rc_idx, wd_norm_c, w_in, b_in, wd_rc,
                 SIZES.n_keep, SIZES.n_R, SIZES.n_C, 0, False, True)
     return rc_idx, y
 

@@ -10,7 +10,8 @@ import pytest
 
 pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[3]
-TOL = {"torch.float32": 1e-4, "torch.bfloat16": 2e-2, "torch.float16": 2e-3}
+# One rounding of the output at its scale (fp32 accumulation in every kernel), plus fp32's own error.
+TOL = {"torch.float32": 1e-5, "torch.bfloat16": 2.0 ** -7, "torch.float16": 2.0 ** -10}
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +26,11 @@ def cases():
 
 def test_every_kernel_and_dtype_ran(cases):
     assert {(c["kernel"], c["dtype"]) for c in cases} == {
-        (k, d) for k in ("decode_down", "decode_seq", "rows_gemv", "rows_gemv_int8") for d in TOL}
+        (k, d) for k in ("gemv", "select", "decode", "rows_gemv", "rows_gemv_int8") for d in TOL}
 
 
 def test_kernels_match_reference(cases):
-    bad = [c for c in cases if c["err"] > TOL[c["dtype"]] * (1 + c["scale"])]
+    bad = [c for c in cases if c["nan"] or c["err"] > TOL[c["dtype"]] * (1 + c["scale"])]
     assert not bad, bad
 
 
@@ -37,13 +38,14 @@ def test_kernels_match_reference(cases):
 def test_decode_op_on_cuda_matches_reference():
     import torch
 
-    from pop_fx.ops.decode import decode, decode_down_reference
+    from pop_fx.ops.decode import decode, decode_reference
 
     h = torch.randn(2, 1, 845, device="cuda")
-    wd_t = torch.randn(845, 576, device="cuda")
+    wd_rc = torch.randn(576, 845, device="cuda")
     wn = torch.rand(154, device="cuda") + 0.1
-    torch.testing.assert_close(decode(h, wd_t, None, wn, 691, 77), decode_down_reference(h, wd_t, None, wn, 691, 77),
-                               atol=1e-3, rtol=1e-3)
+    for kernels in (0, 1):
+        torch.testing.assert_close(decode(h, wd_rc, None, wn, 691, 77, kernels),
+                                   decode_reference(h, wd_rc, None, wn, 691, 77), atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")
@@ -62,13 +64,13 @@ def test_proxy_ops_on_cuda_match_their_cpu_bodies():
     q, s = (torch.cat(t) for t in zip(quantize_rows(gate), quantize_rows(up)))
     rc_idx = torch.randperm(d_ff, generator=g)[: n_R + n_C][None]
     wn = torch.rand(1, n_C, generator=g) + 0.1
-    w_in, wd_t = torch.randn(2 * (n_R + n_C), d, generator=g), torch.randn(n_R + n_C, d, generator=g)
-    cpu = [x, q, s, rc_idx, wn, w_in, wd_t]
+    w_in, wd_rc = torch.randn(2 * (n_R + n_C), d, generator=g), torch.randn(d, n_R + n_C, generator=g)
+    cpu = [x, q, s, rc_idx, wn, w_in, wd_rc]
     cuda = [t.cuda() for t in cpu]
     for (x_, q_, s_, rc_, wn_, w_, wd_), dev in ((cpu, "cpu"), (cuda, "cuda")):
         sel = proxy_select(x_, q_, s_, rc_, wn_, n_R, k, d_ff, 0)
         z = gather_in(x_, w_, None, sel, n_R, n_R + n_C, 2)
-        y = decode_sel(torch.nn.functional.silu(z[..., : n_R + k]) * z[..., n_R + k:], wd_, None, sel, n_R)
+        y = decode_sel(torch.nn.functional.silu(z[..., : n_R + k]) * z[..., n_R + k:], wd_, None, sel, n_R, n_C)
         if dev == "cpu":
             want = (sel.sort().values, y)
         else:

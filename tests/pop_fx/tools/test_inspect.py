@@ -51,7 +51,7 @@ def test_decode_ops_before_and_after(llama):
     assert before.text == ("linear(x, gate_proj.weight, None) -> silu -> mul(·, linear(x, up_proj.weight, None)) "
                            "-> linear(·, down_proj.weight, None)")
     assert sorted(n.op for n in after.nodes) == ["linear", "mul", "narrow", "narrow", "pop.decode", "silu"]
-    assert "gate_proj.weight" not in after.inputs and {"w_in", "wd_t", "wd_norm_c"} <= set(after.inputs)
+    assert "gate_proj.weight" not in after.inputs and {"w_in", "wd_rc", "wd_norm_c"} <= set(after.inputs)
     # No gate/up bias: the R ∪ C projection is a plain mm, not an addmm with a zero bias.
     assert "b_in" not in after.inputs and after.text.startswith("%0 = linear(x, w_in, None) -> ")
     dec = next(n for n in after.nodes if n.op == "pop.decode")

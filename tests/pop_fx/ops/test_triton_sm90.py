@@ -1,0 +1,78 @@
+"""Every Triton kernel compiles ahead of time for Hopper (sm_90) at the block sizes the launchers use, spills
+nothing, and (the split-K GEMV) is software-pipelined as intended — checks that need no GPU.
+
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` gives TTGIR and PTX on this CPU machine;
+Triton's bundled ``ptxas-blackwell`` assembles the PTX for sm_90a and reports registers, spills and barriers.
+The interpreter (test_triton_interpret.py) checks the numbers; this checks that the kernels lower for Hopper
+and what they cost in registers. Neither measures speed (examples/gpu_check.py does, on a lent GPU).
+"""
+
+import os
+import re
+import subprocess
+
+import pytest
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from pop_fx.ops import rows_gemv, splitk_gemv as S  # noqa: E402
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1" or not os.path.exists(PTXAS),
+                                reason="needs triton's bundled ptxas-blackwell and a compiling (not interpreting) triton")
+DIV16 = [["tt.divisibility", 16]]  # what Triton's JIT infers for 16-byte-aligned pointers and strides
+
+
+def _compile(fn, signature, constexprs, aligned, num_warps=4, tmp_path=None):
+    attrs = {(list(signature).index(a),): DIV16 for a in aligned}
+    k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    ptx = tmp_path / "k.ptx"
+    ptx.write_text(k.asm["ptx"])
+    r = subprocess.run([PTXAS, "-v", "-arch=sm_90a", str(ptx), "-o", str(tmp_path / "k.cubin")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    regs = int(re.search(r"Used (\d+) registers", r.stderr).group(1))
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", r.stderr)]
+    return k, regs, spills
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_splitk_gemv_compiles_for_sm90_pipelined_without_spills(dtype, tmp_path):
+    sig = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "part_ptr": "*fp32", "B": "i32", "N": "i32", "K": "i32",
+           "stride_xb": "i32", "stride_wn": "i32", "k_per_split": "i32", "BLOCK_B": "constexpr",
+           "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "NUM_STAGES": "constexpr", "IEEE": "constexpr",
+           "UPCAST": "constexpr"}
+    cst = dict(BLOCK_B=S.BLOCK_B, BLOCK_N=S.BLOCK_N, BLOCK_K=S.BLOCK_K, NUM_STAGES=S.NUM_STAGES,
+               IEEE=dtype == "fp32", UPCAST=False)
+    # wd_rc's rows are padded to 16 elements (layout.ROW_ALIGN) and the activations to the same width, so K and
+    # both strides are multiples of 16, as is k_per_split (a multiple of BLOCK_K)
+    k, regs, spills = _compile(S._gemv_kernel, sig, cst, ["x_ptr", "w_ptr", "part_ptr", "K", "stride_xb", "stride_wn",
+                                                         "k_per_split"],
+                               tmp_path=tmp_path)
+    assert spills == [0, 0] and regs <= 255
+    ttgir = k.asm["ttgir"]
+    # the weight and activation tiles stream through NUM_STAGES shared-memory buffers with async copies
+    assert ttgir.count("ttg.async_copy_global_to_local") >= 2 and "ttg.async_wait" in ttgir
+    if dtype != "fp32":  # tensor-core products (the batch padded to 16 rows); fp32 keeps exact FMA products
+        assert "mma" in ttgir
+
+
+@pytest.mark.parametrize("block", [1024, 2048, 8192])
+def test_select_compiles_for_sm90_without_spills(block, tmp_path):
+    sig = {"h_ptr": "*bf16", "wn_ptr": "*fp32", "mask_ptr": "*fp32", "B": "i32", "n_R": "i32", "n_C": "i32",
+           "k": "i32", "stride_hb": "i32", "BLOCK_C": "constexpr"}
+    _, regs, spills = _compile(S._select_kernel, sig, {"BLOCK_C": block}, ["h_ptr", "wn_ptr", "mask_ptr"],
+                               num_warps=max(4, min(16, block // 256)), tmp_path=tmp_path)
+    assert spills == [0, 0] and regs <= 255
+
+
+def test_rows_gemv_compiles_for_sm90_without_spills(tmp_path):
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "rows_ptr": "*i64", "y_ptr": "*fp32", "n_rows": "i32",
+           "K": "i32", "stride_xb": "i32", "stride_w": "i32", "stride_yb": "i32", "HAS_SCALE": "constexpr",
+           "BLOCK_R": "constexpr", "BLOCK_K": "constexpr"}
+    _, regs, spills = _compile(rows_gemv._rows_gemv_kernel, sig, {"HAS_SCALE": True, "BLOCK_R": 32, "BLOCK_K": 128},
+                               ["x_ptr", "w_ptr", "s_ptr", "rows_ptr", "y_ptr", "stride_w"], tmp_path=tmp_path)
+    assert spills == [0, 0] and regs <= 255
