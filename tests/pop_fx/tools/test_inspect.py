@@ -55,7 +55,7 @@ def test_decode_ops_before_and_after(llama):
     # No gate/up bias: the R ∪ C projection is a plain mm, not an addmm with a zero bias.
     assert "b_in" not in after.inputs and after.text.startswith("%0 = linear(x, w_in, None) -> ")
     dec = next(n for n in after.nodes if n.op == "pop.decode")
-    assert dec.pop and dec.args[-2:] == [str(sz.n_R), str(sz.n_select)]
+    assert dec.pop and dec.args[-3:] == [str(sz.n_R), str(sz.n_select), "0"]  # kernels: 0 = the torch ops
     # Shapes of the rewritten graph are its own: the activation is |R ∪ C| wide, the output d_model wide.
     width = {n.op: n.shape for n in after.nodes}
     assert width["silu"] == [2, 1, sz.n_R + sz.n_C] and width["linear"] == [2, 1, 2 * (sz.n_R + sz.n_C)]
