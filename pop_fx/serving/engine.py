@@ -171,8 +171,11 @@ def run_schedule(engine: Engine, specs: list[Spec], rng: random.Random, policy: 
     for step in range(max_steps):
         while pending and pending[0].spec.arrival <= step:
             waiting.append(pending.pop(0))
-        if running and policy.p_preempt and rng.random() < policy.p_preempt:
-            victim = rng.choice(running)
+        # Preempt only decoding requests, each at most twice: preempting mid-prompt (which restarts the prompt)
+        # or without bound can starve a request forever under a small token budget.
+        victims = [r for r in running if not r.prefilling and r.preemptions < 2]
+        if victims and policy.p_preempt and rng.random() < policy.p_preempt:
+            victim = rng.choice(victims)
             running.remove(victim)
             engine.release(victim, keep_state=True)
             victim.preemptions += 1
