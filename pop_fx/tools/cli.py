@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "eval": "pop_fx.tools.evaluation",
     "bench": "pop_fx.tools.bench",
     "inspect": "pop_fx.tools.inspect",
+    "frontier": "pop_fx.tools.frontier",
 }
 
 

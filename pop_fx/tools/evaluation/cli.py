@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     --gammas, and the scope follows --batch-size ("sequence" when > 1).
     """
     g = parser.add_argument_group("evaluation")
-    g.add_argument("--text", default=None, help="text file to cut windows from (default ../shared/data/web_bible.txt from the repo root)")
+    g.add_argument("--text", default=None, help="text file to cut windows from (default: the World English Bible sample packaged with pop-fx, pop_fx/data/web_bible_sample.txt)")
     g.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of {', '.join(METHOD_NAMES)} (default %(default)s)")
     g.add_argument("--sparsities", type=_floats, default=list(DEFAULT_SPARSITIES), help="FFN sparsities r, comma-separated (default %(default)s)")
     g.add_argument("--total-reductions", type=_floats, default=None, help="instead of --sparsities: total decoder-parameter reductions, converted per model (pop_fx.tools.budget)")

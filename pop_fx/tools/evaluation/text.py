@@ -10,8 +10,16 @@ import torch
 
 
 def default_text_path() -> Path:
-    """../shared/data/web_bible.txt relative to the repository root (present in this project's CI only)."""
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "web_bible.txt"
+    """The World English Bible sample packaged with pop-fx (public domain; ``pop_fx/data/README.md``): the
+    default text of ``pop-fx eval`` and ``pop-fx frontier``, present wherever the package is installed."""
+    from importlib.resources import files
+
+    return Path(str(files("pop_fx") / "data" / "web_bible_sample.txt"))
+
+
+def shared_text_path() -> Path:
+    """../shared/data/web_bible.txt relative to the repository root: the whole text (this project's CI only)."""
+    return Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "web_bible.txt"
 
 
 @dataclass(frozen=True)
