@@ -1,7 +1,11 @@
 """Dense vs POP greedy generation on SmolLM2 through torch.compile, with token agreement and speed.
 
-Dense runs under stock Inductor, POP under ``backend="pop"`` (both compiled in place, warmed up
-once, then timed), so tokens/s compares like with like; ``--no-compile`` shows the eager reference.
+By default three columns side by side: dense, a setting that keeps SmolLM2's text sensible (``--also``,
+chosen from the measured frontier: README "Choosing a setting") and the requested ``--sparsity`` (0.5),
+so the quality–speed trade-off is on one screen. Dense runs under stock Inductor, POP under
+``backend="pop"`` (each compiled in place, warmed up once, then timed), so tokens/s compares like with
+like; ``--no-compile`` shows the eager reference. A line per phase, with the seconds elapsed, goes to
+stderr as it happens (compiling a 30-layer model on 2 cores takes a while).
 """
 
 from __future__ import annotations
@@ -11,13 +15,32 @@ import json
 
 import torch
 
-DEFAULT_PROMPTS = ("The capital of France is", "In the beginning God created")
+DEFAULT_PROMPTS = ("The capital of France is",)
+
+# From `pop-fx frontier --quick` on SmolLM2 (README "Choosing a setting"): the lowest sparsity measured
+# keeps perplexity 1.36x dense and next-token agreement 0.74, where r=0.5 is 4.1x and 0.49.
+SENSIBLE = "0.2:0.1"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompts", nargs="*", default=list(DEFAULT_PROMPTS), help="prompts (default: two built-in ones)")
-    parser.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated per prompt (default %(default)s)")
+    parser.add_argument("prompts", nargs="*", default=list(DEFAULT_PROMPTS), help="prompts (default: one built-in)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt (default %(default)s)")
+    parser.add_argument("--also", default=SENSIBLE, help="one more POP setting shown beside --sparsity, as r:γ "
+                        "(default %(default)s, sensible text on SmolLM2; 'none' to skip it)")
     parser.add_argument("--no-compile", action="store_true", help="run POP through the eager reference instead of backend='pop'")
+
+
+def parse_also(text: str, base):
+    """``"r:γ"`` (or ``"r"``: γ of ``base``) -> the extra PopConfig, or None for ``"none"``."""
+    if text is None or str(text).strip().lower() in ("", "none"):
+        return None
+    r, _, g = str(text).partition(":")
+    try:
+        return base.replace(sparsity=float(r), candidate_ratio=float(g) if g else base.candidate_ratio)
+    except ValueError as e:
+        if "invalid" in str(e):
+            raise
+        raise ValueError(f"--also={text!r} is invalid: allowed r:γ (e.g. 0.2:0.1) or 'none'") from None
 
 
 def _generate(model, tok, prompt: str, n: int, warmup: bool = False) -> tuple[torch.Tensor, float]:
@@ -37,22 +60,30 @@ def _generate(model, tok, prompt: str, n: int, warmup: bool = False) -> tuple[to
     return out[0], stamps.decode_rate()
 
 
-def _compiled_runs(model, tok, prompts, n, config):
-    """(dense ids, dense tok/s), (POP ids, POP tok/s) per prompt: stock Inductor vs backend="pop"."""
+def _compiled_runs(model, tok, prompts, n, configs, log=None):
+    """[(ids, tok/s) per prompt] for dense (stock Inductor), then for each config (backend="pop"), and the
+    last config's report."""
+    import contextlib
+
     import pop_fx
 
+    phase = log.phase if log is not None else (lambda msg: contextlib.nullcontext())
     torch._dynamo.reset()
     model.compile(backend="inductor")
-    dense = [_generate(model, tok, p, n, warmup=True) for p in prompts]
+    with phase("compiling dense (stock Inductor: prefill and decode graphs) and generating"):
+        runs = [[_generate(model, tok, p, n, warmup=True) for p in prompts]]
     pop_fx.decompile(model)
-    torch._dynamo.reset()
-    pop_fx.compile(model, config)
-    try:
-        pop = [_generate(model, tok, p, n, warmup=True) for p in prompts]
-        report = pop_fx.report(model)
-    finally:
-        pop_fx.decompile(model)
-    return dense, pop, report
+    report = None
+    for cfg in configs:
+        torch._dynamo.reset()
+        pop_fx.compile(model, cfg)
+        try:
+            with phase(f"compiling POP r={cfg.sparsity:g} γ={cfg.candidate_ratio:g} (backend='pop') and generating"):
+                runs.append([_generate(model, tok, p, n, warmup=True) for p in prompts])
+            report = pop_fx.report(model)
+        finally:
+            pop_fx.decompile(model)
+    return runs, report
 
 
 def pop_context(model, config):
@@ -63,50 +94,78 @@ def pop_context(model, config):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pop_fx.tools.agreement import next_token_agreement
     from pop_fx.tools.cli import config_from_args
-    from pop_fx.tools.models import load_model
+    from pop_fx.tools.phases import Phases
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} is invalid: allowed an integer >= 1")
     config = config_from_args(args)
-    model, tok = load_model(args.model, args.dtype)
+    also = parse_also(args.also, config)
+    configs = [c for c in (also, config) if c is not None]
+    log = Phases()
+    log(f"pop-fx demo: loading {args.model} (dense, then POP at " +
+        ", ".join(f"r={c.sparsity:g} γ={c.candidate_ratio:g}" for c in configs) + ")")
+    from pop_fx.tools.agreement import next_token_agreement
+    from pop_fx.tools.models import SMOLLM2_DIR, _cache_root, load_model
+
+    if args.model == "smollm2" and not (_cache_root() / SMOLLM2_DIR / "config.json").is_file():
+        log(f"first use: converting SmolLM2's GGUF once to {_cache_root() / SMOLLM2_DIR} (about a minute; later "
+            f"runs load in seconds)")
+    with log.phase(f"loading {args.model}"):
+        model, tok = load_model(args.model, args.dtype)
     if tok is None:
         raise ValueError(f"--model={args.model!r} has no tokenizer: allowed 'smollm2' or a folder with a tokenizer")
-    rows = []
     report = None
-    if not args.no_compile:
-        dense_runs, pop_runs, report = _compiled_runs(model, tok, args.prompts, args.max_new_tokens, config)
-    for i, prompt in enumerate(args.prompts):
-        if args.no_compile:
-            dense_ids, dense_tps = _generate(model, tok, prompt, args.max_new_tokens)
-            with pop_context(model, config):
-                pop_ids, pop_tps = _generate(model, tok, prompt, args.max_new_tokens)
-        else:
-            (dense_ids, dense_tps), (pop_ids, pop_tps) = dense_runs[i], pop_runs[i]
-        n_prompt = len(tok(prompt).input_ids)
-        same = (dense_ids[n_prompt:] == pop_ids[n_prompt:]).float().mean().item()
-        # Teacher-forced on the dense continuation, every step through POP's decode path.
-        agree = next_token_agreement(model, dense_ids[None, :-1], n_prompt, lambda: pop_context(model, config))
-        rows.append(dict(
-            prompt=prompt,
-            dense=tok.decode(dense_ids[n_prompt:], skip_special_tokens=True),
-            pop=tok.decode(pop_ids[n_prompt:], skip_special_tokens=True),
-            agreement=agree, greedy_tokens_equal=same, dense_tokens_per_s=dense_tps, pop_tokens_per_s=pop_tps,
-        ))
+    if args.no_compile:
+        runs = []
+        with log.phase("generating (eager; POP through the eager reference)"):
+            runs.append([_generate(model, tok, p, args.max_new_tokens) for p in args.prompts])
+            for cfg in configs:
+                with pop_context(model, cfg):
+                    runs.append([_generate(model, tok, p, args.max_new_tokens) for p in args.prompts])
+    else:
+        runs, report = _compiled_runs(model, tok, args.prompts, args.max_new_tokens, configs, log)
+    rows = []
+    with log.phase("next-token agreement with dense (decode mode, eager reference)"):
+        for i, prompt in enumerate(args.prompts):
+            dense_ids, dense_tps = runs[0][i]
+            n_prompt = len(tok(prompt).input_ids)
+            row = dict(prompt=prompt, dense=tok.decode(dense_ids[n_prompt:], skip_special_tokens=True),
+                       dense_tokens_per_s=dense_tps, settings=[])
+            for cfg, run_ in zip(configs, runs[1:]):
+                pop_ids, pop_tps = run_[i]
+                # Teacher-forced on the dense continuation, every step through POP's decode path.
+                agree = next_token_agreement(model, dense_ids[None, :-1], n_prompt, lambda: pop_context(model, cfg))
+                row["settings"].append(dict(
+                    sparsity=cfg.sparsity, candidate_ratio=cfg.candidate_ratio,
+                    text=tok.decode(pop_ids[n_prompt:], skip_special_tokens=True), tokens_per_s=pop_tps,
+                    greedy_tokens_equal=(dense_ids[n_prompt:] == pop_ids[n_prompt:]).float().mean().item(),
+                    agreement=agree))
+            main = row["settings"][-1]  # --sparsity's setting: the keys earlier versions printed
+            row.update(pop=main["text"], agreement=main["agreement"], greedy_tokens_equal=main["greedy_tokens_equal"],
+                       pop_tokens_per_s=main["tokens_per_s"])
+            rows.append(row)
+    log(f"done in {log.elapsed():.0f} s")
     if args.json:
-        print(json.dumps({"config": config.as_dict(), "model": args.model, "compiled": not args.no_compile,
-                          "sites": report.counts() if report else None, "results": rows}, indent=2))
+        print(json.dumps({"config": config.as_dict(), "also": also.as_dict() if also else None, "model": args.model,
+                          "compiled": not args.no_compile, "sites": report.counts() if report else None,
+                          "results": rows}, indent=2))
         return 0
     how = "eager reference" if args.no_compile else "dense: stock Inductor, POP: backend='pop' (Inductor)"
-    print(f"model {args.model}  sparsity {config.sparsity}  candidate_ratio {config.candidate_ratio}  ({how})")
+    print(f"\nmodel {args.model}, greedy, {args.max_new_tokens} new tokens ({how})")
     if report is not None:
-        print(f"POP sites: {report.counts()}  layout buffers {report.extra_bytes / 2**20:.1f} MiB")
+        print(f"POP sites: {report.counts()}")
+    if also is not None:
+        print(f"r={also.sparsity:g} γ={also.candidate_ratio:g}: a setting whose text stays sensible on SmolLM2 "
+              f"(README 'Choosing a setting'; `pop-fx frontier` measures yours)")
     for r in rows:
         print(f"\nprompt: {r['prompt']!r}")
-        print(f"  dense: {r['dense']!r}   [{r['dense_tokens_per_s']:.1f} decode tok/s]")
-        print(f"  POP  : {r['pop']!r}   [{r['pop_tokens_per_s']:.1f} decode tok/s]")
-        print(f"  greedy tokens equal to dense: {r['greedy_tokens_equal']:.3f}   "
-              f"speed POP/dense: {r['pop_tokens_per_s'] / r['dense_tokens_per_s']:.2f}x")
-        print(f"  next-token agreement (decode mode, teacher-forced on dense): {r['agreement']:.3f}")
+        print(f"  dense             [{r['dense_tokens_per_s']:5.1f} tok/s]: {r['dense']!r}")
+        for s in r["settings"]:
+            name = f"POP r={s['sparsity']:g} γ={s['candidate_ratio']:g}"
+            print(f"  {name:<17} [{s['tokens_per_s']:5.1f} tok/s, {s['tokens_per_s'] / r['dense_tokens_per_s']:.2f}x"
+                  f" dense; agreement {s['agreement']:.2f}, greedy tokens equal {s['greedy_tokens_equal']:.2f}]:"
+                  f" {s['text']!r}")
+    print("\ntok/s: decode tokens/s between the first and last new token (prefill excluded), one run after a warm-up;"
+          "\nagreement: next-token agreement with dense, teacher-forced on dense's continuation, decode mode")
     return 0

@@ -143,3 +143,33 @@ def test_packaged_text_ships_in_the_wheel(tmp_path):
                          env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr
     assert Path(res.stdout.strip()).is_relative_to(tmp_path / "site")
+
+
+def test_phases_beat_while_a_phase_runs():
+    import io
+    import time
+
+    from pop_fx.tools.phases import Phases
+
+    buf = io.StringIO()
+    log = Phases(stream=buf, heartbeat_s=0.05)
+    log("loading")
+    with log.phase("compiling"):
+        time.sleep(0.18)
+    lines = buf.getvalue().splitlines()
+    assert lines[0].endswith("] loading") and lines[1].endswith("] compiling ...")
+    assert any("compiling: 0 s so far" in x for x in lines) and "done in" in lines[-1]
+    assert all(x.startswith("[") and " s] " in x for x in lines)
+
+
+def test_demo_also_setting():
+    from pop_fx import PopConfig
+    from pop_fx.tools.demo import parse_also
+
+    base = PopConfig(sparsity=0.5, candidate_ratio=0.1)
+    assert parse_also("0.2:0", base) == base.replace(sparsity=0.2, candidate_ratio=0.0)
+    assert parse_also("0.3", base) == base.replace(sparsity=0.3)
+    assert parse_also("none", base) is None
+    for bad in ("x:1", "1.5:0.1"):
+        with pytest.raises(ValueError):
+            parse_also(bad, base)
