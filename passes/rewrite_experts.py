@@ -65,7 +65,7 @@ def rewrite_experts_decode(gm: fx.GraphModule, m: ExpertsMatch, st: ExpertsState
         y = g.call_function(pop.experts_decode.default, (
             m.hidden, m.top_k_index, m.top_k_weights, m.gate_up, m.down,
             s["rc_idx"], s["wd_norm_c"], s["dense"], s["w_in"], s["wd_rc"],
-            z.n_R, z.n_select, m.activation, cfg.scope == "sequence"))
+            z.n_R, z.n_select, m.activation, cfg.scope == "sequence", cfg.empty_expert == "dense", cfg.kernel_code))
     _replace_region(g, m, y)
 
 

@@ -1,9 +1,35 @@
 """``pop::experts_decode``: each decode token through its chosen experts, each over R ∪ selected candidates.
 
-State and math as in ``experts_prefill.py`` (which documents the experts' state tensors).
+State as in ``experts_prefill.py`` (which documents the experts' state tensors). Fixed shapes, no host sync:
+a step at batch B and top-k is the B·k (token, expert) *pairs*, whatever the routing::
+
+    pairs    = top_k_index.flatten(), sorted by expert (stable: ties keep token order)
+    offs     = per-expert cumulative pair counts [E] (a scatter-add and a cumsum: no ``.item()``/``nonzero``)
+    z        = grouped GEMV(x[token of pair], w_in[expert of pair])      [B·k, 2·(n_R+n_C)]   one call
+    h        = act(gate) ⊙ up                                             [B·k, n_R+n_C]
+    score_c  = ||h_C over the pairs of the same expert||_2 · ||Wd[:, C]||  (POP_SPEC's batch scoring, per expert)
+    S        = top_{n_select}(score_c) per pair (``partition.candidate_topk``: POP_SPEC's tie-break)
+    y        = grouped GEMV(h ⊙ [1_R, 1_S], wd_rc[expert of pair])          [B·k, H]             one call
+    out      = index_add over tokens of  y · top_k_weights                   [B, H]
+
+The two grouped GEMVs (``grouped_gemv``) read each pair's expert layout in place, one contiguous block per
+expert: ``torch._grouped_mm`` on the CPU (groups = experts, offsets from the sorted pairs; an expert a step
+does not route to is never read), the Triton kernel ``_pair_gemv_kernel`` on CUDA (one program per
+(pair, row block)), and a gather + ``bmm`` anywhere else (copies the pairs' blocks: correct, not fast).
+Under ``scope="sequence"`` no layout exists (one per sequence would multiply expert memory by the batch):
+gate/up and down run over the expert's whole weights and the pair's own R ∪ C is gathered from the result.
+
+``empty_expert="dense"`` marks experts that got no prefill token as dense (all channels): their pairs run a
+second grouped GEMV pair over the original weights, in which every other pair is sorted past the last offset
+and so computes nothing (still fixed shapes, no host sync).
+
+``experts_decode_loop`` is the loop over experts this op replaces (host syncs, data-dependent shapes): the
+reference the tests compare it with, with the eager reference's math (``pop_fx.reference``).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +39,205 @@ from pop_fx import partition as P
 from pop_fx.activations import activation as activation_fn
 from pop_fx.ops.layout import expert_in_rows
 
+try:  # triton is a Linux-only dependency; the CPU path never needs it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
 
 # --------------------------------------------------------------------------------------------
-# decode: each token only through its chosen experts, each over R ∪ selected candidates
+# grouped GEMV over per-expert weight blocks: one call for all pairs
+# --------------------------------------------------------------------------------------------
+
+
+def route_pairs(top_k_index: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(order, expert, token, offs) of the B·k pairs sorted by expert: ``order`` [P] positions in the flattened
+    top_k_index, ``expert`` [P] and ``token`` [P] of each sorted pair, ``offs`` [E] int32 cumulative counts."""
+    k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    expert = flat.index_select(0, order)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+    counts.scatter_add_(0, expert, torch.ones_like(expert, dtype=torch.int32))
+    return order, expert, torch.div(order, k, rounding_mode="floor"), counts.cumsum(0, dtype=torch.int32)
+
+
+def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
+    """``torch._grouped_mm`` on the CPU needs 16-byte-aligned strides and a base address."""
+    if x.device.type != "cpu" or not hasattr(torch, "_grouped_mm"):
+        return False
+    es = x.element_size()
+    return all((s * es) % 16 == 0 for s in (*x.stride()[:-1], *w.stride()[:-2], w.stride(-1))) \
+        and x.stride(-1) == 1 and w.stride(-2) == 1 and _aligned(x) and _aligned(w)
+
+
+def _aligned(t: Tensor) -> bool:
+    if torch.compiler.is_compiling():  # no data_ptr under tracing (the op itself runs eagerly, as an extern call)
+        return True
+    return t.data_ptr() % 16 == 0  # also catches a memory-mapped checkpoint's unaligned storage
+
+
+def grouped_gemv(x: Tensor, w: Tensor, expert: Tensor, offs: Tensor, kernels: int = 0) -> Tensor:
+    """y[p] = w[expert[p]] @ x[p] for pairs sorted by expert: x [P, K], w [E, N, K] -> [P, N] (x's dtype).
+
+    Rows p >= offs[-1] are not computed on the grouped paths (their value is undefined); ``expert`` must then
+    name an expert in range anyway (the bmm path computes them)."""
+    if kernels == 1 and x.device.type == "cuda" and triton is not None:
+        return pair_gemv_triton(x, w, expert, launch=torch.library.wrap_triton)
+    wt = w.transpose(1, 2)  # [E, K, N]: a view, the expert blocks stay where they are
+    if _grouped_mm_ok(x, wt):
+        return torch._grouped_mm(x, wt, offs=offs)
+    return torch.bmm(w.index_select(0, expert), x.unsqueeze(-1)).squeeze(-1)
+
+
+# Triton (CUDA; checked under TRITON_INTERPRET=1): grid (pairs, N / BLOCK_N). Each program streams one
+# [BLOCK_N, K] slab of its pair's expert block; adjacent programs of one pair read adjacent rows, and pairs
+# of one expert (sorted next to each other) hit the same slabs in L2.
+PAIR_BLOCK_N = 64  # 64 rows × 128 bf16 columns = one 16 KB tile in flight per load
+PAIR_BLOCK_K = 128  # 256 contiguous bytes of a weight row per load (bf16): whole sectors
+
+
+if triton is not None:
+
+    @triton.jit
+    def _pair_gemv_kernel(x_ptr, w_ptr, e_ptr, y_ptr, N, K, stride_xp, stride_we, stride_wn, stride_yp,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        p = tl.program_id(0)
+        nb = tl.program_id(1)
+        e = tl.load(e_ptr + p).to(tl.int64)
+        rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(x_ptr + p * stride_xp + cols, mask=cols < K, other=0.0).to(tl.float32)
+            wv = tl.load(w_ptr + e * stride_we + rows[:, None] * stride_wn + cols[None, :],
+                         mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0).to(tl.float32)
+            acc += tl.sum(wv * xv[None, :], axis=1)
+        tl.store(y_ptr + p * stride_yp + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
+
+
+def pair_gemv_triton(x: Tensor, w: Tensor, expert: Tensor, launch=None) -> Tensor:
+    """One launch for all pairs: y[p] = w[expert[p]] @ x[p]; x [P, K], w [E, N, K] (rows contiguous)."""
+    x = x.contiguous()
+    if w.stride(-1) != 1:
+        w = w.contiguous()
+    Pn, K = x.shape
+    N = w.shape[1]
+    y = torch.empty(Pn, N, dtype=x.dtype, device=x.device)
+    grid = (Pn, triton.cdiv(N, PAIR_BLOCK_N))
+    kernel = _pair_gemv_kernel if launch is None else launch(_pair_gemv_kernel)
+    kernel[grid](x, w, expert.contiguous(), y, N, K, x.stride(0), w.stride(0), w.stride(1), y.stride(0),
+                 BLOCK_N=PAIR_BLOCK_N, BLOCK_K=PAIR_BLOCK_K)
+    return y
+
+
+def pair_gemv_reference(x: Tensor, w: Tensor, expert: Tensor) -> Tensor:
+    return torch.bmm(w.index_select(0, expert).float(), x.float().unsqueeze(-1)).squeeze(-1).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# the op: fixed shapes
+# --------------------------------------------------------------------------------------------
+
+
+def _dense_pairs(x: Tensor, expert: Tensor, is_dense: Tensor, gate_up: Tensor, down: Tensor, act,
+                 kernels: int) -> Tensor:
+    """The whole expert for pairs flagged ``is_dense`` (0 elsewhere): the other pairs sort past the offsets."""
+    E = down.shape[0]
+    key = torch.where(is_dense, expert, torch.full_like(expert, E))
+    order = torch.argsort(key, stable=True)
+    e_sorted = expert.index_select(0, order)
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, e_sorted, is_dense.index_select(0, order).to(torch.int32))
+    offs = counts.cumsum(0, dtype=torch.int32)
+    gate, up = grouped_gemv(x.index_select(0, order), gate_up, e_sorted, offs, kernels).chunk(2, dim=-1)
+    y = grouped_gemv((act(gate) * up).contiguous(), down, e_sorted, offs, kernels)
+    y = torch.where(is_dense.index_select(0, order)[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+    return torch.empty_like(y).index_copy_(0, order, y)
+
+
+def experts_decode_pairs(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up: Tensor, down: Tensor,
+                         rc_idx: Tensor, wd_norm_c: Tensor, dense: Tensor, w_in: Tensor, wd_rc: Tensor, n_R: int,
+                         n_select: int, activation: str, per_sequence: bool, empty_dense: bool = False,
+                         kernels: int = 0) -> Tensor:
+    """The op's body: hidden [B, H] -> [B, H] with fixed shapes and no host sync (module docstring)."""
+    act = activation_fn(activation)
+    E, H, d_ff = down.shape
+    B, k = top_k_index.shape
+    n_rc = rc_idx.shape[-1]
+    n_C = n_rc - n_R
+    order, expert, token, offs = route_pairs(top_k_index, E)
+    x = hidden.index_select(0, token)  # [P, H]
+    group = token if per_sequence else torch.zeros_like(token)
+    G = rc_idx.shape[1]
+    slot = expert * G + group  # row of the pair's (expert, partition group) in the [E·G, ...] state
+    if w_in.numel():  # scope="batch": the R ∪ C layouts, one contiguous block per expert
+        gate, up = grouped_gemv(x, w_in, expert, offs, kernels).chunk(2, dim=-1)
+        h = act(gate) * up  # [P, n_rc]
+    else:  # scope="sequence": the whole expert, then the pair's own R ∪ C
+        rc = rc_idx.reshape(E * G, n_rc).index_select(0, slot)  # [P, n_rc]
+        z = grouped_gemv(x, gate_up, expert, offs, kernels)
+        h = act(z.gather(1, rc)) * z.gather(1, rc + d_ff)
+    if 0 < n_select < n_C:
+        h_c = h[:, n_R:]
+        if per_sequence:  # one row per (sequence, expert): its own |h|
+            scores = h_c.float().abs()
+        else:  # POP_SPEC's batch scoring per expert: the L2 norm over the pairs routed to it
+            sq = torch.zeros(E, n_C, dtype=torch.float32, device=h.device)
+            sq.index_add_(0, expert, h_c.float().square())
+            scores = sq.sqrt().index_select(0, expert)
+        scores = scores * wd_norm_c.reshape(E * G, n_C).index_select(0, slot).float()
+        sel = torch.topk(P.rank_keys(scores), n_select, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(h_c).scatter_(1, sel, 1)
+        h = torch.cat([h[:, :n_R], h_c * keep], dim=-1)
+    elif n_select == 0:
+        h = torch.cat([h[:, :n_R], torch.zeros_like(h[:, n_R:])], dim=-1)
+    if w_in.numel():
+        n_pad = wd_rc.shape[-1]
+        y = grouped_gemv(F.pad(h, (0, n_pad - n_rc)), wd_rc, expert, offs, kernels)
+    else:
+        h_full = torch.zeros(h.shape[0], d_ff, dtype=h.dtype, device=h.device).scatter_(1, rc, h)
+        y = grouped_gemv(h_full, down, expert, offs, kernels)
+    if empty_dense:
+        is_dense = dense.reshape(E * G).index_select(0, slot)
+        y_dense = _dense_pairs(x, expert, is_dense, gate_up, down, act, kernels)
+        y = torch.where(is_dense[:, None], y_dense, y)
+    y = y * top_k_weights.reshape(-1).index_select(0, order)[:, None]
+    return torch.zeros_like(hidden).index_add_(0, token, y.to(hidden.dtype))
+
+
+@torch.library.custom_op("pop::experts_decode", mutates_args=())
+def experts_decode(
+    hidden: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    rc_idx: Tensor,
+    wd_norm_c: Tensor,
+    dense: Tensor,
+    w_in: Tensor,
+    wd_rc: Tensor,
+    n_R: int,
+    n_select: int,
+    activation: str,
+    per_sequence: bool,
+    empty_dense: bool = False,
+    kernels: int = 0,
+) -> Tensor:
+    """hidden [B, H] (one token per sequence) -> [B, H]; only the experts a token chose run for it."""
+    return experts_decode_pairs(hidden, top_k_index, top_k_weights, gate_up, down, rc_idx, wd_norm_c, dense, w_in,
+                                wd_rc, n_R, n_select, activation, per_sequence, empty_dense, kernels)
+
+
+@experts_decode.register_fake
+def _(hidden, top_k_index, top_k_weights, gate_up, down, rc_idx, wd_norm_c, dense, w_in, wd_rc, n_R, n_select,
+      activation, per_sequence, empty_dense=False, kernels=0):
+    return torch.empty_like(hidden)
+
+
+# --------------------------------------------------------------------------------------------
+# the loop this op replaced: the tests' reference (host syncs, data-dependent shapes)
 # --------------------------------------------------------------------------------------------
 
 
@@ -41,24 +263,10 @@ def _decode_expert(x: Tensor, e: int, g: int, gate_up: Tensor, down: Tensor, rc_
     return F.linear(torch.cat([h_rc[:, :n_R], h_c * keep_c], dim=-1), wdl)
 
 
-@torch.library.custom_op("pop::experts_decode", mutates_args=())
-def experts_decode(
-    hidden: Tensor,
-    top_k_index: Tensor,
-    top_k_weights: Tensor,
-    gate_up: Tensor,
-    down: Tensor,
-    rc_idx: Tensor,
-    wd_norm_c: Tensor,
-    dense: Tensor,
-    w_in: Tensor,
-    wd_rc: Tensor,
-    n_R: int,
-    n_select: int,
-    activation: str,
-    per_sequence: bool,
-) -> Tensor:
-    """hidden [B, H] (one token per sequence) -> [B, H]; only the experts a token chose run for it."""
+def experts_decode_loop(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up: Tensor, down: Tensor,
+                        rc_idx: Tensor, wd_norm_c: Tensor, dense: Tensor, w_in: Tensor, wd_rc: Tensor, n_R: int,
+                        n_select: int, activation: str, per_sequence: bool) -> Tensor:
+    """A Python loop over experts, ``where``/``numel``/``bool``/``int`` on the routing: the tests' reference."""
     act = activation_fn(activation)
     E = down.shape[0]
     final = torch.zeros_like(hidden)
@@ -77,11 +285,5 @@ def experts_decode(
     return final
 
 
-@experts_decode.register_fake
-def _(hidden, top_k_index, top_k_weights, gate_up, down, rc_idx, wd_norm_c, dense, w_in, wd_rc, n_R, n_select,
-      activation, per_sequence):
-    return torch.empty_like(hidden)
-
-
-
-__all__ = ["experts_decode"]
+__all__ = ["experts_decode", "experts_decode_loop", "experts_decode_pairs", "grouped_gemv", "pair_gemv_reference",
+           "pair_gemv_triton", "route_pairs"]

@@ -1,0 +1,113 @@
+"""``pop::experts_decode``: fixed shapes, no host sync, equal to the per-expert loop it replaced.
+
+The loop (``experts_decode_loop``) has the eager reference's math; the op computes the B·k (token, expert)
+pairs with grouped GEMVs. Odd shapes: H and d_ff that are not multiples of 16 bytes (the CPU grouped_mm needs
+aligned strides, so both the grouped_mm and the gather + bmm paths run), experts shared by several tokens
+(the batch scoring per expert), γ = 0 and γ = 2, scope="sequence", empty_expert="dense".
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import pop_fx.ops  # noqa: F401  (registers torch.ops.pop)
+from pop_fx.ops.experts_decode import experts_decode_loop, experts_decode_pairs
+from pop_fx.ops.layout import padded, write_expert_partition
+from pop_fx.partition import down_column_norm, partition_sizes
+
+from _host_sync import NoHostSync
+
+ROOT = Path(__file__).resolve().parents[3]
+
+# (E, H, d_ff, top-k, batch, r, γ, scope="sequence")
+CASES = [
+    (5, 12, 37, 2, 3, 0.5, 0.2, False),  # 48-byte rows: grouped_mm for gate/up, bmm for d_ff=37 rows
+    (8, 32, 40, 3, 1, 0.5, 0.1, False),  # batch 1: every pair its own expert
+    (8, 32, 40, 3, 6, 0.4, 0.0, False),  # γ = 0: R only
+    (6, 20, 33, 2, 3, 0.5, 0.3, True),  # per sequence: no layouts, the whole expert then the pair's R ∪ C
+    (7, 16, 24, 7, 5, 0.5, 2.0, False),  # full re-evaluation; 7 of 7 experts per token: all shared
+    (4, 10, 13, 2, 4, 0.3, 0.4, False),  # 40-byte rows: no grouped_mm at all (the bmm path)
+]
+
+
+def _state(E, H, d_ff, r, gamma, G, per_sequence, seed):
+    g = torch.Generator().manual_seed(seed)
+    gate_up, down = torch.randn(E, 2 * d_ff, H, generator=g), torch.randn(E, H, d_ff, generator=g)
+    z = partition_sizes(d_ff, r, gamma)
+    n_rc = z.n_R + z.n_C
+    rc_idx = torch.zeros(E, G, n_rc, dtype=torch.long)
+    wd_norm_c, dense = torch.zeros(E, G, z.n_C), torch.zeros(E, G, dtype=torch.bool)
+    w_in = torch.zeros((0,) if per_sequence else (E, 2 * n_rc, H))
+    wd_rc = torch.zeros((0,) if per_sequence else (E, H, padded(n_rc)))
+    for e in range(E):
+        write_expert_partition(e, torch.rand(G, d_ff, generator=g), torch.rand(G, generator=g) < 0.3, z, gate_up,
+                               down, down_column_norm(down, -1), rc_idx, wd_norm_c, dense, w_in, wd_rc)
+    return gate_up, down, rc_idx, wd_norm_c, dense, w_in, wd_rc, z
+
+
+def _inputs(case, seed=0):
+    E, H, d_ff, k, B, r, gamma, seq = case
+    g = torch.Generator().manual_seed(seed + 1)
+    st = _state(E, H, d_ff, r, gamma, B if seq else 1, seq, seed)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(B)])
+    return torch.randn(B, H, generator=g), idx, torch.rand(B, k, generator=g), st
+
+
+@pytest.mark.parametrize("empty_dense", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "E{}-H{}-I{}-k{}-B{}-r{}-g{}-{}".format(
+    *c[:7], "seq" if c[7] else "batch"))
+def test_pairs_equal_the_per_expert_loop(case, empty_dense):
+    x, idx, w, (gate_up, down, rc_idx, wd_norm_c, dense, w_in, wd_rc, z) = _inputs(case)
+    dense = torch.zeros_like(dense)
+    if empty_dense:  # every third expert got no prefill token: it runs whole
+        dense[::3] = True
+    args = (x, idx, w, gate_up, down, rc_idx, wd_norm_c, dense, w_in, wd_rc, z.n_R, z.n_select, "silu", case[7])
+    want = experts_decode_loop(*args)
+    got = torch.ops.pop.experts_decode(*args, empty_dense)
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() <= 1e-6 * (1 + scale)
+
+
+@pytest.mark.parametrize("empty_dense", [False, True])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5]], ids=["batch", "sequence", "bmm-path"])
+def test_the_op_has_no_host_sync(case, empty_dense):
+    x, idx, w, (gate_up, down, rc_idx, wd_norm_c, dense, w_in, wd_rc, z) = _inputs(case)
+    args = (x, idx, w, gate_up, down, rc_idx, wd_norm_c, dense, w_in, wd_rc, z.n_R, z.n_select, "silu", case[7])
+    with NoHostSync() as mode:
+        experts_decode_pairs(*args, empty_dense)
+    assert "aten.topk" in mode.ops or z.n_select in (0, z.n_C)
+    # The mode does catch them: the loop it replaced syncs on the routing.
+    with pytest.raises(AssertionError, match="host sync"), NoHostSync():
+        experts_decode_loop(*args)
+
+
+_INTERPRET_SCRIPT = textwrap.dedent("""
+    import torch
+    from pop_fx.ops.experts_decode import pair_gemv_reference, pair_gemv_triton
+    worst = 0.0
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2.0 ** -7)):
+        for P, E, N, K in [(1, 3, 70, 45), (4, 3, 37, 130), (9, 2, 1, 7)]:
+            g = torch.Generator().manual_seed(P + N + K)
+            x = torch.randn(P, K, generator=g).to(dtype)
+            w = torch.randn(E, N, K, generator=g).to(dtype)
+            e = torch.randint(0, E, (P,), generator=g).sort().values
+            ref = pair_gemv_reference(x.double(), w.double(), e)
+            err = (pair_gemv_triton(x, w, e).double() - ref).abs().max().item() / (1 + ref.abs().max().item())
+            assert err <= tol, (dtype, P, E, N, K, err)
+            worst = max(worst, err / tol)
+    print("ok", worst)
+""")
+
+
+def test_pair_gemv_triton_kernel_under_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", _INTERPRET_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok")
