@@ -9,7 +9,8 @@ So the rule is static, read off the graph at compile time — no host sync, no p
 Evidence, in order:
 * ``scaled_dot_product_attention``: its key argument depends on a 4-D tensor input (not a Parameter)
   shaped like the keys, [B, ·, S, head_dim] — the cached keys;
-* no SDPA but a softmax (eager attention): some 4-D floating tensor input whose name does not say "mask";
+* no SDPA but a softmax over 4-D scores (eager attention; a router's 2-D softmax is not one): some 4-D
+  floating tensor input whose name does not say "mask";
 * no attention at all (an FFN compiled alone): nothing to tell, so one token is a decode step.
 """
 
@@ -67,7 +68,8 @@ def reads_kv_cache(gm: fx.GraphModule) -> bool:
     sdpa = [n for n in nodes if _is_sdpa(n)]
     if sdpa:
         return any(_reads_cached_keys(n.args[1] if len(n.args) > 1 else n.kwargs["key"]) for n in sdpa)
-    if any(_is_softmax(n) for n in nodes):
+    # Attention's softmax is over 4-D scores [B, heads, L, S]; a router's (MoE) is over 2-D logits: not attention.
+    if any(_is_softmax(n) and (v := val(n)) is not None and v.dim() == 4 for n in nodes):
         return any((v := _tensor_input(n)) is not None and v.dim() == 4 and v.is_floating_point()
                    and "mask" not in n.name for n in nodes)
     return True
