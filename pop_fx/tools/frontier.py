@@ -419,6 +419,16 @@ class FrontierResult:
         return dict(info=self.info, budget=dataclasses.asdict(self.budget), points=[p.as_dict() for p in self.points],
                     recommended=self.pick.as_dict() if self.pick else None)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], budget: Budget | None = None) -> "FrontierResult":
+        """A result read back from ``--out``'s frontier.json (optionally under another budget)."""
+        names = {f.name for f in dataclasses.fields(Point)} - {"setting"}
+        points = [Point(Setting(**p["setting"]), **{k: v for k, v in p.items() if k in names}) for p in d["points"]]
+        budget = budget or Budget(**d["budget"])
+        for p, on in zip(points, pareto_front(points, budget.metric)):
+            p.pareto = on
+        return cls(points, budget, recommend(points, budget), d["info"])
+
     def table(self) -> str:
         head = (f"{'setting':<22} {'r':>5} {'γ':>5} {'ppl':>8} {'×dense':>7} {'agree':>6} {'tok/s':>7} "
                 f"{'×dense':>7} {'pareto':>6} {'budget':>6}")
@@ -491,7 +501,11 @@ class FrontierResult:
         ax.axhline(self.budget.value, color="tab:orange", ls="--", lw=1, label=f"budget: {self.budget.describe()}")
         ax.axvline(1.0, color="black", ls=":", lw=0.8)
         if metric == "ppl":
+            from matplotlib.ticker import FormatStrFormatter
+
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
             ax.set_ylabel("decode-mode perplexity / dense (log; lower is better)")
         else:
             ax.set_ylabel("next-token agreement with dense (higher is better)")
@@ -621,6 +635,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="compile dense and POP through Inductor (the speed a user gets) or eager (fast, for tests)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--out", default=None, help="directory for frontier.json, frontier.md and frontier.png")
+    g.add_argument("--replot", default=None, metavar="FRONTIER_JSON", help="measure nothing: read an earlier "
+                   "run's frontier.json, apply --budget, print and (with --out) write again")
     g.add_argument("--no-cache", action="store_true", help="measure everything again (and do not store)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar and no phase lines")
 
@@ -649,6 +665,9 @@ def run(args: argparse.Namespace) -> int:
                          f"needs two tokens)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.replot:
+        result = FrontierResult.from_dict(json.loads(Path(args.replot).read_text()), budget)
+        return _report(result, args)
     text, text_path = read_text(args.text)
     log(f"loading {args.model}")
     model, tok = load_model(args.model, args.dtype)
@@ -662,6 +681,10 @@ def run(args: argparse.Namespace) -> int:
                       cache_dir=None if args.no_cache else cache_root(), model_name=str(args.model),
                       text_name=Path(text_path).name if text_path else "text", progress=not args.no_progress, log=log)
     result.info["text_path"] = text_path
+    return _report(result, args)
+
+
+def _report(result: FrontierResult, args: argparse.Namespace) -> int:
     files = {}
     if args.out:
         out = Path(args.out)

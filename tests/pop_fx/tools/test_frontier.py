@@ -88,14 +88,14 @@ def test_cli_end_to_end_on_a_tiny_model(text_file, tmp_path, monkeypatch, capsys
     from pop_fx.tools.cli import main
 
     monkeypatch.setenv("POP_FX_CACHE", str(tmp_path / "cache"))
-    argv = ["frontier", "--model", "llama", "--text", str(text_file), "--settings", "static@0.5,pop-0.1@0.5,full@0.3",
+    argv = ["frontier", "--model", "llama", "--text", str(text_file), "--settings", "static@0.5,pop-0.1@0.5",
             "--windows", "2", "--prompt-len", "6", "--cont-len", "4", "--batch-size", "2", "--new-tokens", "3",
             "--rounds", "1", "--lowering", "eager", "--budget", "5", "--out", str(tmp_path / "out"), "--json",
             "--no-progress"]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     pts = {p["label"]: p for p in out["points"]}
-    assert list(pts) == ["dense", "static r=0.5", "pop-0.1 r=0.5", "full r=0.3"]
+    assert list(pts) == ["dense", "static r=0.5", "pop-0.1 r=0.5"]
     assert pts["dense"]["ppl_ratio"] == 1.0 and pts["dense"]["agreement"] == 1.0 and pts["dense"]["speedup"] == 1.0
     assert all(p["tokens_per_s"] > 0 and len(p["samples"]) == 1 for p in pts.values())
     rec = out["recommended"]
@@ -116,6 +116,11 @@ def test_cli_end_to_end_on_a_tiny_model(text_file, tmp_path, monkeypatch, capsys
     again = json.loads(capsys.readouterr().out)
     assert [p["perplexity"] for p in again["points"]] == [p["perplexity"] for p in out["points"]]
     assert [p["samples"] for p in again["points"]] == [p["samples"] for p in out["points"]]
+
+    # --replot measures nothing: the pick follows the new budget (ppl 1.0: only points as good as dense).
+    assert main(["frontier", "--replot", str(tmp_path / "out" / "frontier.json"), "--budget", "1.0", "--json"]) == 0
+    replot = json.loads(capsys.readouterr().out)
+    assert replot["recommended"]["ppl_ratio"] <= 1.0
 
     assert main(argv[:-2] + ["--budget", "speed:2"]) == 2
     assert "budget" in capsys.readouterr().err
