@@ -14,8 +14,8 @@ pop = torch.ops.pop
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of Dynamo's graph to rewrite: Dynamo keeps reading the original's placeholders after the backend
-    returns (editing it in place raised ``KeyError: grapharg``); the placeholders' ``_dynamo_source`` and the
-    graph's ``meta`` come along."""
+    returns (editing it in place raised ``KeyError: grapharg``); the placeholders' ``_dynamo_source``, the
+    graph's ``meta`` and Dynamo's attributes come along."""
     g = fx.Graph()
     val_map: dict[fx.Node, fx.Node] = {}
     out = g.graph_copy(gm.graph, val_map)
@@ -25,7 +25,16 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
             new._dynamo_source = getattr(old, "_dynamo_source", None)
     gm2 = fx.GraphModule(gm, g)
     gm2.meta = dict(gm.meta)
+    # AOT reads Dynamo's metadata off these attributes: without them it takes the copy for an exported graph
+    # and marks no input static, so CUDA graphs would copy every weight and state tensor on each replay.
+    for attr in DYNAMO_GRAPH_ATTRS:
+        if hasattr(gm, attr):
+            setattr(gm2, attr, getattr(gm, attr))
     return gm2
+
+
+DYNAMO_GRAPH_ATTRS = ("_param_name_to_source", "_source_to_user_stacks")
+"""What Dynamo sets on the GraphModule it hands a backend besides ``meta`` (torch/_dynamo/output_graph.py)."""
 
 
 def add_state_placeholders(gm: fx.GraphModule, tensors: dict, prefix: str, names) -> dict[str, fx.Node]:
