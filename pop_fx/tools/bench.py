@@ -404,6 +404,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="every cell of README's speed table (1B-shaped FFN stack: fp32/bf16/fp16 at batch 1, "
                              "fp32/bf16 at batch 8; SmolLM2 end to end: fp32 and bf16 at batch 1, scope='sequence' "
                              "at batch 8), r=0.5, γ=0.1")
+    from pop_fx.tools.bench_moe import add_arguments as add_moe_arguments
+
+    add_moe_arguments(parser)
 
 
 def _full_cells(args, config):
@@ -469,6 +472,10 @@ def _measure_cell(args, config, batch, dtype, variants) -> dict:
 
     device = getattr(args, "device", "cpu")
     mode = "reduce-overhead" if getattr(args, "cuda_graphs", False) else None
+    if getattr(args, "moe", False):
+        from pop_fx.tools.bench_moe import run_moe
+
+        return run_moe(args, config, batch, dtype)
     if args.ffn_only:
         d, f = SHAPES[args.shape]
         cells = bench_ffn(d, f, args.layers, config, batch=batch, rounds=args.rounds, dtype=dtype, variants=variants,
