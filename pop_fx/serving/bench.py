@@ -108,6 +108,10 @@ def speed_table(model, tok, concurrency: list[int], config: PopConfig, rounds: i
     import pop_fx
     from pop_fx.serving.ffn import StepInfo, swap_mlps
 
+    # Every variant calls the same HF forward code object, and Dynamo's recompile limit counts graphs per code
+    # object: 4 variants × (static, then dynamic cache length) × prefill/decode passes 8.
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 1024
     out = []
     for n in concurrency:
         ids = torch.tensor(prompts(tok, n))
@@ -116,13 +120,13 @@ def speed_table(model, tok, concurrency: list[int], config: PopConfig, rounds: i
             m = copy.deepcopy(model)
             step = StepInfo()
             if v == "dense-inductor":
-                fwd, pre = torch.compile(m, backend="inductor", dynamic=False), m
+                fwd, pre = torch.compile(m, backend="inductor"), m
             elif v == "pop_fx.compile":
                 pop_fx.compile(m, config.replace(scope="batch"))
                 fwd = pre = m
             else:  # ragged, ragged-layouts: MLPs swapped, decode compiled by Inductor, prefill eager
                 swap_mlps(m, config, max_slots=n, step=step, layouts=v == "ragged-layouts")
-                fwd, pre = torch.compile(m, backend="inductor", dynamic=False), m
+                fwd, pre = torch.compile(m, backend="inductor"), m
             cache = DynamicCache(config=m.config)
             step.set(torch.arange(n).repeat_interleave(ids.shape[1]), torch.full((ids.numel(),), LAST))
             logits = pre(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
