@@ -15,9 +15,14 @@ scope="batch", max_batch_size under scope="sequence":
 * ``w_in``     [E, 2·(n_R+n_C), H] — gate rows then up rows of R ∪ C, contiguous ("batch" only);
 * ``wd_rc``     [E, H, n_R+n_C] — down columns of R ∪ C, each expert in ``nn.Linear``'s layout ("batch" only).
 
-The math follows the eager reference (``pop_fx.reference``: a loop over experts in index
-order, tokens of expert e from ``where(top_k_index.T == e)``, ``index_add_`` into zeros), so
-the compiled path and the reference agree to rounding. Ranks, splits and selections come
+Prefill with fixed shapes and no host sync, like decode (``experts_decode.py``): the T·k (token, expert)
+pairs sorted by expert, one grouped GEMM for gate/up over the experts' whole weights, per-(expert, group)
+importance by an ``index_add`` of the squared activations of valid (non-padding) rows, every expert's R/C/P
+split in one batched sort, the layouts written by two ``gather``s over all experts, and one grouped GEMM for
+the down projection. An expert that got no valid prefill token keeps the weight-norm partition
+(``weight_scores``, computed once per weights), or is marked dense. ``experts_prefill_loop`` is the loop
+over experts it replaced, with the eager reference's math (``pop_fx.reference``), kept for the tests: the
+two agree to rounding. Ranks, splits and selections come
 from ``pop_fx.partition`` like every other path.
 """
 
@@ -26,9 +31,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary  # tensors compare elementwise: key them by identity
 
 from pop_fx import partition as P
 from pop_fx.activations import activation as activation_fn
+from pop_fx.ops.experts_decode import combine, grouped_gemv, route_pairs
 from pop_fx.ops.layout import write_expert_partition
 
 
@@ -47,6 +54,67 @@ def _groups(hidden: Tensor, batch: int, attention_mask: Tensor | None, per_seque
 # --------------------------------------------------------------------------------------------
 # prefill: per-expert importance from its routed tokens, partitions into state, expert output
 # --------------------------------------------------------------------------------------------
+
+
+_WEIGHT_SCORES: "WeakIdKeyDictionary[Tensor, tuple[int, Tensor]]" = WeakIdKeyDictionary()
+
+
+def weight_scores(gate_up: Tensor, wd_norm: Tensor) -> Tensor:
+    """[E, I] data-free scores ||Wd_e[:, j]||·||Wg_e[j]||·||Wu_e[j]|| (POP_SPEC's empty-expert fallback), computed
+    once per weights (a pass over every expert) and kept while ``gate_up`` is unchanged."""
+    hit = _WEIGHT_SCORES.get(gate_up)
+    if hit is not None and hit[0] == gate_up._version and hit[1].shape == wd_norm.shape:
+        return hit[1]
+    n = torch.linalg.vector_norm(gate_up.detach().float(), dim=-1)  # [E, 2I]
+    d_ff = wd_norm.shape[-1]
+    s = wd_norm.float() * n[:, :d_ff] * n[:, d_ff:]
+    _WEIGHT_SCORES[gate_up] = (gate_up._version, s)
+    return s
+
+
+def experts_prefill_pairs(hidden, top_k_index, top_k_weights, gate_up, down, attention_mask, batch, wd_norm, rc_idx,
+                          wd_norm_c, dense, w_in, wd_rc, n_keep, n_R, n_C, activation, per_sequence, pruned_prefill,
+                          empty_dense) -> Tensor:
+    """The op's body: the T·k (token, expert) pairs with fixed shapes, no host sync (see the module docstring)."""
+    act = activation_fn(activation)
+    E, H, d_ff = down.shape
+    sizes = P.PartitionSizes(n_keep, n_R, n_C, d_ff - n_R - n_C)
+    gid, valid = _groups(hidden, batch, attention_mask, per_sequence)
+    G = batch if per_sequence else 1
+    if G > rc_idx.shape[1]:
+        raise ValueError(f"batch size {G} exceeds PopConfig.max_batch_size={rc_idx.shape[1]} (scope='sequence'): "
+                         "compile with a larger max_batch_size")
+    order, expert, token, offs = route_pairs(top_k_index, E)
+    gate, up = grouped_gemv(hidden.index_select(0, token), gate_up, expert, offs).chunk(2, dim=-1)
+    h = act(gate) * up  # [P, I]
+    slot = expert * G + gid.index_select(0, token)  # the pair's (expert, partition group)
+    ok = valid.index_select(0, token)[:, None] & ~torch.isnan(h)  # padding and NaN count as 0 (activation_norm)
+    sq = torch.zeros(E * G, d_ff, dtype=torch.float32, device=h.device)
+    sq.index_add_(0, slot, torch.where(ok, h.detach().float(), 0.0).square())
+    rows = torch.zeros(E * G, dtype=torch.int32, device=h.device)
+    rows.scatter_add_(0, slot, valid.index_select(0, token).to(torch.int32))
+    has = (rows > 0)[:, None]
+    wd_g = wd_norm.float().repeat_interleave(G, dim=0)  # [E·G, I]
+    scores = torch.where(has, sq.sqrt() * wd_g, weight_scores(gate_up, wd_norm).repeat_interleave(G, dim=0))
+    dense_g = ~has[:, 0] if empty_dense else torch.zeros_like(has[:, 0])
+    scores = torch.where(dense_g[:, None], 0.0, scores)  # placeholder partition of a dense expert, never used
+    part = P.split(scores.view(E, G, d_ff), sizes)
+    rc = torch.cat([part.R, part.C], dim=-1)  # [E, G, n_rc]
+    rc_idx[:, :G].copy_(rc)
+    wd_norm_c[:, :G].copy_(torch.gather(wd_g.view(E, G, d_ff), 2, part.C))
+    dense[:, :G].copy_(dense_g.view(E, G))
+    if w_in.numel():  # scope="batch": one group, each expert's R ∪ C laid out contiguously for decode
+        n_rc = rc.shape[-1]
+        rows_in = torch.cat([rc[:, 0], rc[:, 0] + d_ff], dim=-1)  # [E, 2·n_rc]
+        w_in.copy_(torch.gather(gate_up, 1, rows_in[:, :, None].expand(E, 2 * n_rc, H)))
+        wd_rc[:, :, :n_rc].copy_(torch.gather(down, 2, rc[:, 0][:, None, :].expand(E, H, n_rc)))
+    if pruned_prefill:
+        keep = torch.zeros(E * G, d_ff, dtype=torch.bool, device=h.device)
+        keep.scatter_(1, P.keep_set(scores, sizes), True)
+        keep |= dense_g[:, None]
+        h = h * keep.index_select(0, slot).to(h.dtype)
+    y = grouped_gemv(h.contiguous(), down, expert, offs)
+    return combine(y, order, top_k_weights).to(hidden.dtype)
 
 
 @torch.library.custom_op("pop::experts_prefill", mutates_args=("rc_idx", "wd_norm_c", "dense", "w_in", "wd_rc"))
@@ -73,6 +141,43 @@ def experts_prefill(
     empty_dense: bool,
 ) -> Tensor:
     """hidden [B·L, H] of the prefill tokens -> the experts' output [B·L, H] (pruned per config.prefill)."""
+    return experts_prefill_pairs(hidden, top_k_index, top_k_weights, gate_up, down, attention_mask, batch, wd_norm,
+                                 rc_idx, wd_norm_c, dense, w_in, wd_rc, n_keep, n_R, n_C, activation, per_sequence,
+                                 pruned_prefill, empty_dense)
+
+
+@experts_prefill.register_fake
+def _(hidden, top_k_index, top_k_weights, gate_up, down, attention_mask, batch, wd_norm, rc_idx, wd_norm_c, dense,
+      w_in, wd_rc, n_keep, n_R, n_C, activation, per_sequence, pruned_prefill, empty_dense):
+    return torch.empty_like(hidden)
+
+
+
+
+def experts_prefill_loop(
+    hidden: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    attention_mask: Tensor | None,
+    batch: int,
+    wd_norm: Tensor,
+    rc_idx: Tensor,
+    wd_norm_c: Tensor,
+    dense: Tensor,
+    w_in: Tensor,
+    wd_rc: Tensor,
+    n_keep: int,
+    n_R: int,
+    n_C: int,
+    activation: str,
+    per_sequence: bool,
+    pruned_prefill: bool,
+    empty_dense: bool,
+) -> Tensor:
+    """The loop over experts ``experts_prefill`` replaced (``where``/``numel``/``bool`` on the routing): the tests'
+    reference, with the eager reference's math."""
     act = activation_fn(activation)
     E, _, d_ff = down.shape
     sizes = P.PartitionSizes(n_keep, n_R, n_C, d_ff - n_R - n_C)
@@ -108,10 +213,4 @@ def experts_prefill(
     return final
 
 
-@experts_prefill.register_fake
-def _(hidden, top_k_index, top_k_weights, gate_up, down, attention_mask, batch, wd_norm, rc_idx, wd_norm_c, dense,
-      w_in, wd_rc, n_keep, n_R, n_C, activation, per_sequence, pruned_prefill, empty_dense):
-    return torch.empty_like(hidden)
-
-
-__all__ = ["experts_prefill"]
+__all__ = ["experts_prefill", "experts_prefill_loop", "experts_prefill_pairs", "weight_scores"]
