@@ -166,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {name:<17} [{s['tokens_per_s']:5.1f} tok/s, {s['tokens_per_s'] / r['dense_tokens_per_s']:.2f}x"
                   f" dense; agreement {s['agreement']:.2f}, greedy tokens equal {s['greedy_tokens_equal']:.2f}]:"
                   f" {s['text']!r}")
-    print("\ntok/s: decode tokens/s between the first and last new token (prefill excluded), one run after a warm-up;"
+    print("\ntok/s: decode tokens/s between the first and last new token (prefill excluded; compiled: one run after a "
+          "warm-up);"
           "\nagreement: next-token agreement with dense, teacher-forced on dense's continuation, decode mode")
     return 0

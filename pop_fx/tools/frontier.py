@@ -40,7 +40,9 @@ import torch
 CACHE_VERSION = 1
 
 QUICK = dict(
-    settings="static@0.2,pop-0.1@0.2,pop-0.1@0.3,pop-0.1@0.5,full@0.5,proxy-int3-1@0.5",
+    # No proxy method: its CPU decode is slower than dense (README "Proxy-scored candidates"), and under
+    # --lowering eager one warm-up of the int3 proxy alone took >13 min on 2 shared cores.
+    settings="static@0.2,pop-0.1@0.2,pop-0.1@0.3,pop-0.1@0.5,full@0.5",
     windows=16, prompt_len=64, cont_len=48, new_tokens=24, rounds=3,
 )
 DEFAULT = dict(
@@ -246,7 +248,7 @@ def measure_quality(model, tokenizer, text: str, settings: Sequence[Setting], *,
     out: dict[Setting, dict[str, float]] = {}
     dense_ref = None
     for s in settings:
-        key = ("quality", s, prefill)
+        key = ("quality", s, prefill, quality_source_hash())
         hit = cache.get(key) if cache is not None else None
         if hit is not None and (s != DENSE or "pred" in hit):
             out[s] = hit
@@ -346,6 +348,22 @@ def measure_speed(model, tokenizer, settings: Sequence[Setting], *, new_tokens: 
 # ------------------------------------------------------------------------------------------------
 # cache
 # ------------------------------------------------------------------------------------------------
+
+
+# What the quality of a setting depends on: the eager reference and the evaluation harness. Speed depends on
+# the whole runtime (passes, ops, kernels: pop_fx.backend._source_hash), which changes far more often.
+QUALITY_SOURCES = ("reference.py", "partition.py", "config.py", "sites.py", "activations.py", "lowbit.py",
+                   "tools/evaluation/decode.py", "tools/evaluation/harness.py", "tools/evaluation/results.py",
+                   "tools/evaluation/text.py")
+
+
+def quality_source_hash() -> str:
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for name in QUALITY_SOURCES:
+        h.update(name.encode())
+        h.update((root / name).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def model_fingerprint(model) -> str:
@@ -544,11 +562,11 @@ def frontier(model, tokenizer, text: str, settings: Sequence[Setting], budget: B
                 new_tokens=new_tokens, rounds=rounds, threads=threads, lowering=lowering,
                 dtype=str(next(model.parameters()).dtype).replace("torch.", ""), torch=torch.__version__,
                 device=str(next(model.parameters()).device))
-    base = dict(version=CACHE_VERSION, model=model_fingerprint(model), source=_source_hash()[:16],
+    base = dict(version=CACHE_VERSION, model=model_fingerprint(model),
                 **{k: info[k] for k in ("text_sha256", "windows", "prompt_len", "cont_len", "batch_size", "dtype",
                                         "torch", "device")})
     cache = Cache(cache_dir, base)
-    speed_key = ("speed", list(settings), new_tokens, rounds, threads, lowering)
+    speed_key = ("speed", list(settings), new_tokens, rounds, threads, lowering, _source_hash()[:16])
     speed = cache.get(speed_key)
     n_quality = len(settings)
     total = n_quality + (0 if speed else len(settings) * (1 + rounds))
