@@ -527,7 +527,8 @@ class FrontierResult:
             ax.set_ylabel("decode-mode perplexity / dense (log; lower is better)")
         else:
             ax.set_ylabel("next-token agreement with dense (higher is better)")
-        ax.set_xlabel("measured decode tokens/s / dense Inductor (higher is faster)")
+        low = self.info.get("lowering", "inductor")
+        ax.set_xlabel(f"measured decode tokens/s / dense's (both lowered by {low}; higher is faster)")
         i = self.info
         ax.set_title(f"{i.get('model')}: quality vs measured decode speed\n"
                      f"{i.get('windows')} windows of {i.get('prompt_len')}+{i.get('cont_len')} tokens of "
