@@ -206,8 +206,8 @@ def run_schedule(engine: Engine, specs: list[Spec], rng: random.Random, policy: 
                 req.chunks += not req.recompute
                 if req.prefilling:
                     continue  # a chunk before the last: no token yet
-                if req.recompute:
-                    pass  # the recompute's last row is the latest generated token: its logits give the next one
+                # (after a preemption's recompute, the last row is the latest generated token: its logits give
+                # the next one, as for any finished prompt)
             req.out.append(int(lg.argmax()))
             if req.done:
                 running.remove(req)
