@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from pop_fx import state as _state
 from pop_fx.config import PopConfig
+from pop_fx.lowbit import VALUES
 from pop_fx.state import STATE_NAMES
 
 from passes.classify_graph import reads_kv_cache
@@ -28,7 +29,7 @@ from passes.nodes import token_input, val
 from passes.rewrite_decode import rewrite_decode
 from passes.rewrite_experts import rewrite_experts
 from passes.rewrite_prefill import rewrite_prefill
-from passes.rewrite_proxy import rewrite_decode_proxy
+from passes.rewrite_proxy import proxy_support, rewrite_decode_proxy, rewrite_decode_values
 
 
 @dataclass
@@ -131,8 +132,12 @@ def _site_state(r: _Run, d: Decision) -> tuple[_state.SiteState, dict[str, fx.No
     """The site's state (created on first use) and its placeholders in this graph."""
     m = d.site
     w_a, b_a, w_b, b_b = (_real(n) for n in m.weights())
+    # "int8-values" reads the original down weight and copies made once: its sites need no R ∪ C layouts, so no
+    # prefill copies the FFN (the prefill and decode graphs of a site reach the same answer from the same match).
+    layouts = not (r.cfg.candidate_proxy == VALUES and not isinstance(proxy_support(m), str))
     st = _state.get_or_create(m.param, r.cfg, kind=d.kind, d_ff=m.d_ff, d_model=m.d_model, flags=m.flags,
-                              n_in=m.n_inputs, in_dtype=w_a.dtype, weights=dict(w_a=w_a, b_a=b_a, w_b=w_b, b_b=b_b))
+                              n_in=m.n_inputs, in_dtype=w_a.dtype, weights=dict(w_a=w_a, b_a=b_a, w_b=w_b, b_b=b_b),
+                              layouts=layouts)
     st.info.update(pattern=m.pattern.name, activation=m.activation, path=m.path)
     nodes = add_state_placeholders(r.gm, st.tensors, f"pop_site{r.sites.index(m)}", STATE_NAMES)
     r.state_tensors.extend(st.tensors[name] for name in STATE_NAMES)
@@ -159,6 +164,9 @@ def _rewrite_decode(r: _Run) -> int:
     todo = [d for d in r.plan if d.action == "decode"]
     for d in todo:
         st, nodes = _site_state(r, d)
+        if r.cfg.scope == "batch" and not st.tensors["w_in"].numel():
+            raise RuntimeError(f"site {d.site.path}: a decode graph needs the R ∪ C layouts its state was created "
+                               "without (candidate_proxy='int8-values' judged the site supported in another graph)")
         rewrite_decode(r.gm, d.site, st, nodes)
         _rewritten(r, d, st, "decode")
     return len(todo)
@@ -171,9 +179,11 @@ def _rewrite_proxy(r: _Run) -> int:
         gate, act = d.proxy
         w_a, _, w_b, _ = (_real(n) for n in d.site.weights())
         tables = st.ensure_proxy(*((w_a, w_b) if gate == 0 else (w_b, w_a)))
-        proxy_nodes = add_state_placeholders(r.gm, tables, f"pop_site{r.sites.index(d.site)}_proxy", ("q", "s"))
-        r.state_tensors.extend(tables[name] for name in ("q", "s"))
-        rewrite_decode_proxy(r.gm, d.site, st, nodes, proxy_nodes, act)
+        names = ("q", "s", "wd_t") if r.cfg.candidate_proxy == VALUES else ("q", "s")
+        proxy_nodes = add_state_placeholders(r.gm, tables, f"pop_site{r.sites.index(d.site)}_proxy", names)
+        r.state_tensors.extend(tables[name] for name in names)
+        rewrite = rewrite_decode_values if r.cfg.candidate_proxy == VALUES else rewrite_decode_proxy
+        rewrite(r.gm, d.site, st, nodes, proxy_nodes, act)
         _rewritten(r, d, st, "decode")
     return len(todo)
 
@@ -194,7 +204,8 @@ PASSES: tuple[Pass, ...] = (
     Pass("decide", "per site: rewrite (prefill / decode / proxy) or dense, with the reason", _decide),
     Pass("rewrite_prefill", "prefill graphs: down(H) -> pop.prefill (partition + layouts into the state)", _rewrite_prefill),
     Pass("rewrite_decode", "decode graphs: gate/up over the R∪C layout, down -> pop.decode / pop.decode_seq", _rewrite_decode),
-    Pass("rewrite_proxy", "decode graphs, candidate_proxy: pop.proxy_select + pop.gather_in + pop.decode_sel", _rewrite_proxy),
+    Pass("rewrite_proxy", "decode graphs, candidate_proxy: pop.proxy_select + pop.gather_in + pop.decode_sel "
+         "(\"int8-values\": the whole FFN -> pop.values_decode)", _rewrite_proxy),
     Pass("rewrite_experts", "experts regions -> pop.experts_prefill / pop.experts_decode", _rewrite_experts),
 )
 

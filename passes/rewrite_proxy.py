@@ -7,6 +7,10 @@
 
 ``proxy_support`` says which sites qualify (separate gate and up projections, a known activation, the gate
 identifiable); the others keep the paper's exact candidate scoring and the report says why.
+
+``candidate_proxy="int8-values"`` (``rewrite_decode_values``) replaces the whole FFN instead:
+
+    y   = pop.values_decode(x, q, s, wd_t, wd, bd, rc_idx, wd_norm_c, …)   # was: down(act(gate(x)) · up(x))
 """
 
 from __future__ import annotations
@@ -80,3 +84,22 @@ def rewrite_decode_proxy(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state:
     with g.inserting_before(m.down):
         y = g.call_function(pop.decode_sel.default, (m.h, state["wd_rc"], m.down_bias, sel, sizes.n_R, sizes.n_C))
     replace_down(g, m, y)
+
+
+def rewrite_decode_values(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state: dict[str, fx.Node],
+                          proxy: dict[str, fx.Node], act: int) -> None:
+    """candidate_proxy="int8-values": the site's gate, up, activation and down nodes become one pop.values_decode."""
+    g = gm.graph
+    sizes = st.sizes
+    x = m.sources[0].x
+    with g.inserting_before(m.down):
+        y = g.call_function(pop.values_decode.default, (x, proxy["q"], proxy["s"], proxy["wd_t"], m.down_weight,
+                                                        m.down_bias, state["rc_idx"], state["wd_norm_c"], sizes.n_R,
+                                                        sizes.n_select, st.d_ff, act))
+    replace_down(g, m, y)
+    # The region (activation, product, the gate/up projections) is now dead: erase it, last node first.
+    dead = [*m.region, m.h, *(n for s in m.sources for n in (s.leaf, s.proj))]
+    order = {n: i for i, n in enumerate(g.nodes)}
+    for n in sorted({n for n in dead if n in order}, key=order.get, reverse=True):
+        if not n.users and n.op == "call_function":
+            g.erase_node(n)

@@ -17,7 +17,7 @@ _PREFILLS = ("pruned", "dense")
 _EMPTY_EXPERT = ("weights", "dense")
 _LOWERINGS = ("inductor", "eager")
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-_PROXIES = (None, "int8", "int8-gate", "int3")
+_PROXIES = (None, "int8", "int8-gate", "int3", "int8-values")
 _KERNELS = ("auto", "torch", "triton")
 
 
@@ -35,8 +35,14 @@ class PopConfig:
     """None: candidates are scored exactly, from their computed activations (the paper). "int8": candidates are
     ranked every step from a per-row int8 copy of their gate and up rows (data-free, made once from the
     weights) and only R and the chosen ones are computed exactly; "int3": from a per-row 3-bit copy (bit-plane
-    packed, 3 bits per weight); "int8-gate": from the gate rows alone (CATS-like |act(g)|). Gated FFNs with a known activation only; a wide band (e.g. candidate_ratio 0.6) is
-    what it is for. Beyond the paper: see README "Proxy-scored candidates"."""
+    packed, 3 bits per weight); "int8-gate": from the gate rows alone (CATS-like |act(g)|). "int8-values": a
+    low-precision full re-evaluation with an exact down projection — gate/up of every channel from the per-row int8
+    copy (bf16 activations and scales, bf16 products), candidates ranked from them as POP ranks (R always kept),
+    and the chosen channels' int8-derived activations used directly as H (no exact gate/up at all); the down
+    projection is exact over the n_keep chosen channels only. Its H carries the int8 copy's error (see README);
+    candidate_ratio=2 (every channel a candidate) is what it is for. Gated FFNs with a known activation only; a
+    wide band (e.g. candidate_ratio 0.6) is what the other proxies are for. Beyond the paper: see README
+    "Proxy-scored candidates"."""
 
     scope: str = "batch"
     """"batch": one partition shared by the batch (the paper); "sequence": one partition per sequence."""

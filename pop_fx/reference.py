@@ -99,11 +99,18 @@ class _Proxy:
     act: int
     """index into pop_fx.activations.ACTIVATIONS"""
 
+    values: bool = False
+    """candidate_proxy="int8-values": H̃ of the kept channels replaces H (the down projection reads H̃)"""
+
     def activations(self, x: torch.Tensor, d_ff: int) -> torch.Tensor:
         """H̃ of every channel for the token rows x [N, d_model] ([N, d_ff], fp32): the dequantized copy's math
-        as one matmul (the compiled ops compute the same products as a fused reduction)."""
+        as one matmul (the compiled ops compute the same products as a fused reduction). "int8-values": the
+        bf16 int8 row products of ``lowbit.values_activations``, the very function the compiled op calls."""
         from pop_fx.activations import activation
-        from pop_fx.lowbit import dequantize
+        from pop_fx.lowbit import dequantize, values_activations
+
+        if self.values:
+            return values_activations(x, self.q, self.s.to(x.device), d_ff, self.act)
 
         w = dequantize(self.q, self.s, x.shape[-1]).to(x.device)
         z = x.float() @ w.t()
@@ -166,6 +173,8 @@ class _Pop:
         self.states: dict[str, SiteState] = {}
         self.inputs: dict[str, torch.Tensor] = {}
         """FFN inputs of the forward in flight, for sites scored by a proxy (filled by a pre-hook)"""
+        self.values: dict[str, torch.Tensor] = {}
+        """candidate_proxy="int8-values": per site path, the H̃ rows [N, d_ff] the decode step in flight uses as H"""
         self.unsupported: dict[str, str] = {}
         """sites that fall back to exact candidate scoring, with the reason"""
         for s in sites:
@@ -181,7 +190,8 @@ class _Pop:
                     self.unsupported[s.path] = sup
                 else:
                     gate, up, act = sup
-                    st.proxy = _Proxy(*proxy_tables(gate, up, config.candidate_proxy), act)
+                    st.proxy = _Proxy(*proxy_tables(gate, up, config.candidate_proxy), act,
+                                      values=config.candidate_proxy == "int8-values")
             self.states[s.path] = st
 
     def keep_mask(self, path: str, h: torch.Tensor, seq: torch.Tensor, valid: torch.Tensor, call: _Call):
@@ -253,7 +263,10 @@ class _Pop:
         hv = torch.where(valid[:, None], h.detach(), torch.zeros((), dtype=h.dtype, device=h.device))
         if st.proxy is not None:  # candidates ranked by the proxy activations, not the exact ones
             x = self.inputs[st.site.path].reshape(h.shape[0], -1)
-            hv = torch.where(valid[:, None], st.proxy.activations(x.detach(), d_ff), 0.0)
+            h_proxy = st.proxy.activations(x.detach(), d_ff)
+            hv = torch.where(valid[:, None], h_proxy, 0.0)
+            if st.proxy.values:  # the kept channels' H is H̃ itself (the hook masks it)
+                self.values[st.site.path] = h_proxy.to(h.dtype)
         if not self.per_sequence:
             C = st.C.to(h.device)
             chosen = C[select(hv[:, C], st.wd_norm[C], n_select)]
@@ -366,8 +379,11 @@ class _Session:
                 call = _Call(call.prefill, rows.shape[0], 1, None)
             seq, valid = _rows(call, h)
             mask = self.policy.keep_mask(site.path, rows, seq, valid, call)
+            values = getattr(self.policy, "values", {}).pop(site.path, None)
             if mask is None:
                 return None
+            if values is not None:  # "int8-values": the down projection reads H̃ of the kept channels
+                rows = values
             return (_apply(rows, mask).reshape(h.shape), *args[1:])
 
         return hook

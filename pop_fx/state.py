@@ -43,18 +43,21 @@ class SiteState:
     weights: dict = field(default_factory=dict, repr=False)
     """the site's real weights (w_a, b_a, w_b, b_b, wd): the data-free partition is computed from them"""
     proxy: dict = field(default_factory=dict)
-    """candidate_proxy: the int8 copy {"q": [gate; up] rows, "s": their scales}, made once from the weights"""
+    """candidate_proxy: the int8 copy {"q": [gate; up] rows, "s": their scales}, made once from the weights;
+    "int8-values" adds "wd_t", the down weight's channel-major copy [d_ff, d_out]"""
     stale: bool = False
     """``reset`` ran and no prefill has written a partition since: a decode step first writes the data-free one"""
 
     def ensure_proxy(self, gate: torch.Tensor, up: torch.Tensor) -> dict[str, torch.Tensor]:
         """The site's proxy tables (``pop_fx.lowbit.proxy_tables``), created on first use; constant afterwards."""
-        from pop_fx.lowbit import proxy_tables
+        from pop_fx.lowbit import VALUES, down_channel_major, proxy_tables
 
         with _lock:
             if not self.proxy:
                 q, s = proxy_tables(gate, up, self.config.candidate_proxy)
                 self.proxy.update(q=q, s=s)
+                if self.config.candidate_proxy == VALUES:
+                    self.proxy.update(wd_t=down_channel_major(self.weights["wd"]))
         return self.proxy
 
     def initialize(self) -> None:
@@ -93,7 +96,9 @@ _NOTES: "WeakIdKeyDictionary[torch.Tensor, dict[PopConfig, dict[tuple[str, str],
 
 
 def get_or_create(down_weight: torch.Tensor, config: PopConfig, *, kind: str, d_ff: int, d_model: int,
-                  flags: int, n_in: int, in_dtype: torch.dtype, weights: dict) -> SiteState:
+                  flags: int, n_in: int, in_dtype: torch.dtype, weights: dict, layouts: bool = True) -> SiteState:
+    """``layouts=False``: no R ∪ C layout buffers (``w_in``/``wd_rc`` empty, so no prefill copies them): a site
+    whose decode op reads the original weights or a copy made once (``candidate_proxy="int8-values"``)."""
     with _lock:
         per_cfg = _STATES.setdefault(down_weight, {})
         key = (config, down_weight.dtype, down_weight.device)
@@ -106,7 +111,7 @@ def get_or_create(down_weight: torch.Tensor, config: PopConfig, *, kind: str, d_
         d_out = down_weight.shape[1] if flags & layout.CONV1D else down_weight.shape[0]
         n_rc = sizes.n_R + sizes.n_C
         S = config.max_batch_size if config.scope == "sequence" else 1
-        batch = config.scope == "batch"
+        batch = config.scope == "batch" and layouts
         tensors = {
             "wd_norm": wd_norm,
             "rc_idx": torch.zeros(S, n_rc, dtype=torch.long, device=dev),

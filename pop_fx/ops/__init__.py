@@ -8,6 +8,7 @@ whose body branches on the device), its torch reference and, where it has one, i
     proxy_select.py      pop::proxy_select       candidates ranked from a low-precision copy (candidate_proxy)
     gather_in.py         pop::gather_in          exact gate/up over R ∪ the proxy's chosen candidates
     decode_sel.py        pop::decode_sel         down projection over R ∪ the proxy's chosen candidates
+    values_decode.py     pop::values_decode      a whole decode FFN from the int8 copy's H ("int8-values")
     experts_prefill.py   pop::experts_prefill    per-expert partitions of routed experts; their output
     experts_decode.py    pop::experts_decode     each token through its chosen experts, pruned
 
@@ -35,6 +36,7 @@ Layout flags (``flags`` argument, a bit set):
 
 from pop_fx.ops.layout import CONV1D, FUSED  # noqa: F401  (layout flags the passes set)
 from pop_fx.ops import (  # noqa: F401  (importing an op module registers its op)
-    decode, decode_sel, decode_seq, experts_decode, experts_prefill, gather_in, prefill, proxy_select)
+    decode, decode_sel, decode_seq, experts_decode, experts_prefill, gather_in, prefill, proxy_select,
+    values_decode)
 
 __all__ = ["CONV1D", "FUSED"]

@@ -11,7 +11,9 @@ Variants (each its own compiled module over the *same* Parameters, except the co
 * ``sliced-unfused``  — the ideal with gate and up as two GEMVs (kept: on some shapes it is the faster one);
 * ``pop``             — ``backend="pop"`` at the requested r and γ;
 * ``pop-full``        — ``backend="pop"`` with full re-evaluation (γ = 2);
-* ``pop-proxy``       — ``backend="pop"`` with proxy-scored candidates (``--proxy``, ``--proxy-gamma``).
+* ``pop-proxy``       — ``backend="pop"`` with proxy-scored candidates (``--proxy``, ``--proxy-gamma``);
+* ``pop-values``      — ``backend="pop"`` with ``candidate_proxy="int8-values"``, γ = 2: the low-precision full
+                        re-evaluation with an exact down projection over the chosen channels (its own method).
 
 Ratios are against ``dense-fused`` and ``sliced`` (the same fusion as POP, so a ratio measures pruning),
 falling back to ``dense-inductor`` / ``sliced-unfused`` when those did not run. A POP variant in which
@@ -41,9 +43,9 @@ import torch.nn as nn
 from pop_fx.tools.timing import StepStamps
 
 VARIANTS = ("dense-eager", "dense-inductor", "dense-fused", "sliced", "sliced-unfused", "pop", "pop-full",
-            "pop-proxy")
+            "pop-proxy", "pop-values")
 DEFAULT_VARIANTS = ("dense-inductor", "dense-fused", "sliced", "pop")
-POP_VARIANTS = ("pop", "pop-full", "pop-proxy")
+POP_VARIANTS = ("pop", "pop-full", "pop-proxy", "pop-values")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,7 +242,8 @@ def _build_variants(model, config, variants, n_keep_of, proxy_gamma: float = 1.0
             built[v] = m
         elif v in POP_VARIANTS:
             cfg = {"pop": config, "pop-full": config.replace(candidate_ratio=2.0),
-                   "pop-proxy": proxy_config(config, proxy_gamma, proxy)}[v]
+                   "pop-proxy": proxy_config(config, proxy_gamma, proxy),
+                   "pop-values": proxy_config(config, 2.0, "int8-values")}[v]
             built[v] = pop_fx.compile(_shallow(model), cfg, mode=mode)
         else:
             raise ValueError(f"variant={v!r} is invalid: allowed one of {list(VARIANTS)}")
@@ -398,7 +401,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="PopConfig.kernels of the POP variants (CUDA decode kernels; default %(default)s)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--proxy-gamma", type=float, default=1.0, help="candidate_ratio of the pop-proxy variant (default %(default)s)")
-    parser.add_argument("--proxy", default="int8", choices=["int8", "int3", "int8-gate"],
+    parser.add_argument("--proxy", default="int8", choices=["int8", "int3", "int8-gate", "int8-values"],
                         help="candidate_proxy of the pop-proxy variant (default %(default)s)")
     parser.add_argument("--full", action="store_true",
                         help="every cell of README's speed table (1B-shaped FFN stack: fp32/bf16/fp16 at batch 1, "

@@ -121,17 +121,41 @@ def proxy_expressions(kind: str = "gated", proxy: str = "int8") -> dict[str, sym
 
     Keys: proxy_bytes, bytes_ratio (to dense). The per-row scales (4·m_p·n_C bytes) are O(f), not counted.
     """
-    from pop_fx.lowbit import BITS
+    from pop_fx.lowbit import BITS, VALUES
 
     m = input_matrices(kind)
     if proxy not in BITS:
         raise ValueError(f"proxy={proxy!r} is invalid: allowed one of {list(BITS)}")
+    if proxy == VALUES:
+        return values_expressions(kind)
     mp = 1 if proxy == "int8-gate" else m
     s = sympy.Symbol("s", positive=True)
     z = sizes()
     pb = s * d * (m + 1) * z["n_keep"] + sympy.Rational(BITS[proxy], 8) * d * mp * z["n_C"]
     return {"proxy_bytes": sympy.factor(sympy.expand(pb)),
             "bytes_ratio": sympy.simplify(pb / _costs(m, z["n_keep"], z["n_RC"], s)["dense_bytes"])}
+
+
+@functools.cache
+def values_expressions(kind: str = "gated", batch_one: bool = True) -> dict[str, sympy.Expr]:
+    """Weight bytes per decode step of ``candidate_proxy="int8-values"`` (``pop::values_decode``), main domain.
+
+    What the op reads: the int8 gate/up rows of EVERY channel (1 byte per element; the static table is read whole,
+    so under γ < 2 the P channels' rows too) with their bf16 scales (2 bytes per row), and the exact down rows of
+    the n_keep chosen channels at batch 1 (``embedding_bag`` over the channel-major copy), of all f channels at
+    batch > 1 (the masked dense down):
+
+        values_bytes = d·m·f + 2·m·f + s·d·n_keep      (batch 1; s·d·f for the down at batch > 1)
+
+    Keys: values_bytes, bytes_ratio (to dense). No exact gate/up row is read.
+    """
+    m = input_matrices(kind)
+    s = sympy.Symbol("s", positive=True)
+    z = sizes()
+    down = z["n_keep"] if batch_one else f
+    vb = d * m * f + 2 * m * f + s * d * down
+    return {"values_bytes": sympy.factor(sympy.expand(vb)), "proxy_bytes": sympy.factor(sympy.expand(vb)),
+            "bytes_ratio": sympy.simplify(vb / _costs(m, z["n_keep"], z["n_RC"], s)["dense_bytes"])}
 
 
 def proxy_site_bytes(kind: str, d_model: int, d_ff: int, sparsity: float, candidate_ratio: float,

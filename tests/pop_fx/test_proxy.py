@@ -35,7 +35,7 @@ def _ids(B=2, L=7, seed=1):
 
 
 def test_config_names_the_field_and_allowed_values():
-    with pytest.raises(ValueError, match=r"candidate_proxy='int4'.*allowed one of \[None, 'int8', 'int8-gate', 'int3'\]"):
+    with pytest.raises(ValueError, match=r"candidate_proxy='int4'.*allowed one of \[None, 'int8', 'int8-gate', 'int3', 'int8-values'\]"):
         PopConfig(candidate_proxy="int4")
 
 

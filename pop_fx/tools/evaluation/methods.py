@@ -11,9 +11,10 @@ DEFAULT_SPARSITIES = (0.2, 0.3, 0.4, 0.5, 0.6)
 DEFAULT_GAMMAS = (0.05, 0.1, 0.2, 0.4)
 DEFAULT_METHODS = ("dense", "static", "pop", "full", "wanda-sp", "random")
 METHOD_NAMES = ("dense", "static", "pop", "pop-<γ>", "full", "wanda-sp", "random", "proxy-<γ>", "proxy-int3-<γ>",
-                "proxy-gate-<γ>")
+                "proxy-gate-<γ>", "proxy-values-<γ>")
 # method prefix -> PopConfig.candidate_proxy (longest prefixes first)
-PROXY_METHODS = (("proxy-gate-", "int8-gate"), ("proxy-int3-", "int3"), ("proxy-", "int8"))
+PROXY_METHODS = (("proxy-values-", "int8-values"), ("proxy-gate-", "int8-gate"), ("proxy-int3-", "int3"),
+                 ("proxy-", "int8"))
 BACKENDS = ("reference", "compiled")
 
 
@@ -26,8 +27,9 @@ class Method:
     gamma: float | None = None
     """POP's candidate ratio γ (0 = static, 2 = full re-evaluation)"""
     proxy: str | None = None
-    """PopConfig.candidate_proxy (proxy-<γ>: "int8", proxy-int3-<γ>: "int3", proxy-gate-<γ>: "int8-gate"); None for
-    the paper's POP"""
+    """PopConfig.candidate_proxy (proxy-<γ>: "int8", proxy-int3-<γ>: "int3", proxy-gate-<γ>: "int8-gate",
+    proxy-values-<γ>: "int8-values", whose H comes from the int8 copy; proxy-values-2 is its intended form); None
+    for the paper's POP"""
 
 
 def parse_methods(methods: Iterable[str], gammas: Sequence[float] = DEFAULT_GAMMAS) -> list[Method]:

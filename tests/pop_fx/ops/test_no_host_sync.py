@@ -23,7 +23,7 @@ aten = torch.ops.aten
 SYNCING = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
            aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default,
            aten.repeat_interleave.Tensor, aten.nonzero_numpy.default, aten.argwhere.default}
-DECODE_OPS = {"decode", "decode_seq", "proxy_select", "gather_in", "decode_sel", "experts_decode"}
+DECODE_OPS = {"decode", "decode_seq", "proxy_select", "gather_in", "decode_sel", "experts_decode", "values_decode"}
 
 
 def _data_dependent(func, args) -> bool:
@@ -77,6 +77,8 @@ CASES = {
     "sequence": ("llama", dict(scope="sequence"), {"decode_seq"}),
     "proxy": ("llama", dict(candidate_proxy="int8", candidate_ratio=0.6), {"proxy_select", "gather_in", "decode_sel"}),
     "experts": ("qwen3_moe", dict(), {"experts_decode"}),
+    "values": ("llama", dict(candidate_proxy="int8-values", candidate_ratio=2.0), {"values_decode"}),
+    "values-band": ("llama", dict(candidate_proxy="int8-values", candidate_ratio=0.8), {"values_decode"}),
 }
 
 
