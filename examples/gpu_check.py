@@ -1,0 +1,801 @@
+"""One prepared GPU run of pop-fx's CUDA decode path: correctness, kernel speed, an FFN stack, kernel counts.
+
+Run it on the device machine (an H200, torch 2.11 / triton 3.6, no internet) from the source tree:
+
+    OUT=$OUT PYTHONPATH=. python examples/gpu_check.py
+
+It is sized to finish in about 5-7 minutes and stops starting new work after ``--budget`` seconds (default 420);
+give the run a timeout of about 540 s (under 9 minutes) so that a hang still returns what was written. Results go
+to ``$OUT/gpu_check.jsonl`` (``--out`` overrides), one JSON object a line, flushed as it goes: a timeout keeps
+every finished line. Each record has ``section`` and ``status`` ("ok", "error" or "skipped"); an exception in one
+item or section is written as an ``error`` record (with its traceback) and the run goes on.
+
+Sections, in order:
+
+* ``env``          — torch / triton / transformers / Python versions, GPU name, SMs, L2, memory.
+* ``copy``         — measured device-to-device copy bandwidth (bytes read + written per second): the ceiling the
+                     kernels' GB/s are compared with.
+* ``correctness``  — every decode op of ``pop_fx.ops`` (decode, decode_seq, proxy_select, gather_in, decode_sel,
+                     experts_decode) and the Triton kernels themselves (split-K GEMV, select, rows GEMV), with
+                     kernels=triton and kernels=torch, at the 1B shape (d 2048, d_ff 5632) and a 7B shape (d 4096,
+                     d_ff 14336), bf16, batch 1 and 8, against a float64 reference (``pass`` per record).
+* ``timing``       — CUDA-event micro-timings of the same kernels (eager launches, and replayed from a CUDA graph
+                     so that launch overhead is excluded), each call on the next of several weight sets that
+                     together exceed L2 three times (no L2 hits), beside dense cuBLAS ``F.linear`` over all d_ff
+                     channels and a contiguous GEMV over exactly n_keep channels (the best POP could do); achieved
+                     GB/s and the fraction of the copy ceiling.
+* ``stack``        — an 8-layer 1B-shaped FFN stack (``pop_fx.tools.bench.FFNStack``), one decode step: dense
+                     Inductor vs POP (r=0.5, γ=0.1, kernels "auto" and "triton"), batch 1 and 8, without and with
+                     CUDA graphs (``mode="reduce-overhead"``); the issue's targets beside the speedups.
+* ``profile``      — a ``torch.profiler`` count of the kernels one decode step launches, per layer, dense and POP.
+* ``cuda_tests``   — the test suite's CUDA-only tests (pytest, if installed there).
+* ``done``         — wall time and the number of error records.
+
+``--tiny`` (automatic without CUDA) runs the same sections on tiny shapes on the CPU, the Triton kernels under
+``TRITON_INTERPRET=1`` (set before triton is imported) and every timing a couple of iterations, so CI keeps this
+script working (``tests/pop_fx/test_gpu_check.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+T0 = time.perf_counter()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU, Triton under its interpreter")
+    p.add_argument("--out", default=None, help="output folder (default $OUT, else the current folder)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds after which no new item starts (default 420 on a GPU, 900 with --tiny)")
+    p.add_argument("--sections", default=None, help="comma-separated subset of the sections (default all)")
+    return p.parse_args(argv)
+
+
+ARGS = parse_args()
+CUDA = torch.cuda.is_available()
+TINY = ARGS.tiny or not CUDA
+if TINY:  # before triton is imported anywhere: kernels defined from here on run in the interpreter
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch._inductor.config
+
+    torch._inductor.config.compile_threads = 1  # no compile-worker pool to start for a few tiny graphs
+DEVICE = "cpu" if TINY else "cuda"
+BUDGET = ARGS.budget if ARGS.budget is not None else (900.0 if TINY else 420.0)
+
+import torch.nn.functional as F  # noqa: E402
+
+import pop_fx  # noqa: E402,F401  (registers the pop:: ops)
+from pop_fx import partition as P  # noqa: E402
+from pop_fx.lowbit import quantize_rows  # noqa: E402
+from pop_fx.ops import layout  # noqa: E402
+from pop_fx.ops.decode import candidate_mask, decode_reference, decode_triton  # noqa: E402
+from pop_fx.ops.decode_seq import decode_seq_reference, keep_indices  # noqa: E402
+from pop_fx.ops.proxy_select import proxy_activation  # noqa: E402
+from pop_fx.ops.rows_gemv import rows_gemv_triton  # noqa: E402
+from pop_fx.ops.splitk_gemv import gemv_triton, select_triton, split_for  # noqa: E402
+
+DTYPE = torch.bfloat16
+R, GAMMA = 0.5, 0.1
+SHAPES = {"tiny": (64, 256), "tiny-odd": (96, 352)} if TINY else {"1b": (2048, 5632), "7b": (4096, 14336)}
+BATCHES = (1, 8)
+STACK_LAYERS = 2 if TINY else 8
+STACK_SHAPE = (64, 256) if TINY else (2048, 5632)
+# (CUDA graphs, batch) cells of the stack; on the CPU two cells cover both code paths (each is two compiles)
+STACK_CELLS = ((False, 1), (True, 8)) if TINY else ((False, 1), (True, 1), (False, 8), (True, 8))
+# bf16: one rounding of the output at its scale (fp32 accumulation everywhere), twice for slack; a wrong candidate
+# row moves an output by |h_c|·|Wd[:, c]| ~ 3/sqrt(d_ff) of the scale, several times this.
+TOL = {torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -12}
+L2_BYTES = 50 * 2**20
+COPY_GBPS = None  # measured by the copy section
+
+
+# ------------------------------------------------------------------------------------------------
+# records
+# ------------------------------------------------------------------------------------------------
+
+
+def _clean(v):
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, (torch.dtype, torch.device)):
+        return str(v)
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return _clean(v.item())
+    return v
+
+
+class Log:
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.path = path
+        self.f = open(path, "w")
+        self.errors = 0
+
+    def write(self, section, status="ok", **fields):
+        rec = _clean(dict(section=section, status=status, t=round(time.perf_counter() - T0, 2), **fields))
+        if status == "error":
+            self.errors += 1
+        self.f.write(json.dumps(rec, default=str) + "\n")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        brief = {k: v for k, v in rec.items() if k not in ("traceback", "samples", "kernels")}
+        print(json.dumps(brief, default=str)[:400], flush=True)
+
+    def error(self, section, exc, **fields):
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.write(section, "error", error=f"{type(exc).__name__}: {exc}"[:2000], traceback=tb[-4000:], **fields)
+
+
+OUT_DIR = ARGS.out or os.environ.get("OUT") or "."
+LOG = Log(os.path.join(OUT_DIR, "gpu_check.jsonl"))
+
+
+def remaining() -> float:
+    return BUDGET - (time.perf_counter() - T0)
+
+
+def guarded(section, fn, *args, **fields):
+    """Run one item; an exception becomes an error record. Returns fn's result or None."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - every failure is a record, the run goes on
+        LOG.error(section, exc, **fields)
+        if CUDA:
+            torch.cuda.synchronize()
+        return None
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------------
+# env and the copy ceiling
+# ------------------------------------------------------------------------------------------------
+
+
+def section_env():
+    global L2_BYTES
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    rec = dict(torch=torch.__version__, triton=triton_version, transformers=transformers.__version__,
+               python=platform.python_version(), cuda_runtime=torch.version.cuda, tiny=TINY, device=DEVICE,
+               triton_interpret=os.environ.get("TRITON_INTERPRET"), budget_s=BUDGET, shapes=SHAPES,
+               stack=dict(shape=STACK_SHAPE, layers=STACK_LAYERS), r=R, gamma=GAMMA, dtype=str(DTYPE),
+               cpu_threads=torch.get_num_threads())
+    if CUDA:
+        props = torch.cuda.get_device_properties(0)
+        L2_BYTES = getattr(props, "L2_cache_size", 0) or L2_BYTES
+        rec.update(gpu=props.name, sm_count=props.multi_processor_count, capability=f"{props.major}.{props.minor}",
+                   memory_gib=round(props.total_memory / 2**30, 1), l2_bytes=L2_BYTES,
+                   cudnn=torch.backends.cudnn.version(),
+                   bf16_reduced_precision_reduction=torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
+    LOG.write("env", **rec)
+
+
+def section_copy():
+    """Device-to-device copy of a buffer far larger than L2: (read + written bytes) / s, median of 7 reps."""
+    global COPY_GBPS
+    n = (4 if TINY else 1024) * 2**20 // 4
+    src = torch.empty(n, dtype=torch.float32, device=DEVICE).normal_()
+    dst = torch.empty_like(src)
+    reps = []
+    for _ in range(2 if TINY else 7):
+        reps.append(time_region(lambda: dst.copy_(src), 2 if TINY else 10))
+    s = statistics.median(reps)
+    COPY_GBPS = 2 * n * 4 / s / 1e9
+    LOG.write("copy", bytes=n * 4, gbps=COPY_GBPS, samples_us=[r * 1e6 for r in reps],
+              note="bytes read + bytes written per second; a GEMV reads only, so its GB/s is compared with this")
+
+
+def time_region(fn, iters: int) -> float:
+    """Seconds per call of ``fn`` over ``iters`` calls: CUDA events on a GPU, perf_counter on the CPU."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            fn()
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b) / 1e3 / iters
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t) / iters
+
+
+# ------------------------------------------------------------------------------------------------
+# problems: one site's state at a shape, built by the library's own prefill-time layout code
+# ------------------------------------------------------------------------------------------------
+
+
+def _gen(seed):
+    g = torch.Generator(device=DEVICE)
+    g.manual_seed(seed)
+    return g
+
+
+def make_problem(d, f, B, seed=0):
+    """Weights, a batch-scope partition's state (layout.write_partition), per-sequence state and activations."""
+    g = _gen(seed)
+    dev = DEVICE
+    sizes = P.partition_sizes(f, R, GAMMA)
+    n_R, n_C, n_sel = sizes.n_R, sizes.n_C, sizes.n_select
+    n_rc = n_R + n_C
+    gate = (torch.randn(f, d, generator=g, device=dev) * d ** -0.5).to(DTYPE)
+    up = (torch.randn(f, d, generator=g, device=dev) * d ** -0.5).to(DTYPE)
+    wd = (torch.randn(d, f, generator=g, device=dev) * f ** -0.5).to(DTYPE)
+    wd_norm = P.down_column_norm(wd)
+    scores = torch.rand(f, generator=g, device=dev)
+    rc_idx = torch.zeros(1, n_rc, dtype=torch.long, device=dev)
+    wd_norm_c = torch.zeros(1, n_C, dtype=torch.float32, device=dev)
+    w_in = torch.zeros(2 * n_rc, d, dtype=DTYPE, device=dev)
+    b_in = torch.zeros(2 * n_rc, dtype=DTYPE, device=dev)
+    wd_rc = torch.zeros(d, layout.padded(n_rc), dtype=DTYPE, device=dev)
+    layout.write_partition(scores, sizes, wd, gate, None, up, None, wd_norm, rc_idx, wd_norm_c, w_in, b_in, wd_rc, 0)
+    seq_rc = torch.zeros(B, n_rc, dtype=torch.long, device=dev)  # scope="sequence": one partition per sequence
+    seq_wn_c = torch.zeros(B, n_C, dtype=torch.float32, device=dev)
+    e = torch.zeros(0, device=dev)
+    layout.write_partition(torch.rand(B, f, generator=g, device=dev), sizes, wd, gate, None, up, None, wd_norm,
+                           seq_rc, seq_wn_c, e, e, e, 0)
+    x = torch.randn(B, 1, d, generator=g, device=dev).to(DTYPE)
+    h_rc = torch.randn(B, 1, n_rc, generator=g, device=dev).to(DTYPE)
+    h_full = torch.randn(B, 1, f, generator=g, device=dev).to(DTYPE)
+    q, s = quantize_rows(torch.cat([gate, up]))
+    return dict(d=d, f=f, B=B, sizes=sizes, n_R=n_R, n_C=n_C, n_sel=n_sel, n_rc=n_rc, gate=gate, up=up, wd=wd,
+                wd_norm=wd_norm, rc_idx=rc_idx, wd_norm_c=wd_norm_c, w_in=w_in, b_in=b_in, wd_rc=wd_rc,
+                seq_rc=seq_rc, x=x, h_rc=h_rc, h_full=h_full, q=q, s=s)
+
+
+def masked_seq(h, wd_norm, rc_idx, n_R, n_sel):
+    """decode_seq's Triton input: each sequence's unselected channels zeroed (its keep_indices)."""
+    h2 = h.reshape(h.shape[0], h.shape[-1])
+    return h2 * torch.zeros_like(h2).scatter_(1, keep_indices(h2, wd_norm, rc_idx, n_R, n_sel), 1.0)
+
+
+def sm_count() -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 132
+
+
+# ------------------------------------------------------------------------------------------------
+# correctness against float64
+# ------------------------------------------------------------------------------------------------
+
+
+def _close(name, shape, B, kernels, got, ref, tol_rel, **extra):
+    got64, ref64 = got.double(), ref.double()
+    scale = ref64.abs().max().item()
+    err = (got64 - ref64).abs().max().item() if got.shape == ref.shape else float("inf")
+    tol = tol_rel * max(scale, 1e-30)
+    ok = bool(got.shape == ref.shape and not torch.isnan(got64).any() and err <= tol)
+    LOG.write("correctness", name=name, shape=shape, batch=B, kernels=kernels, max_abs_err=err, ref_max=scale,
+              tol=tol, rel_err=err / max(scale, 1e-30), **{"pass": ok}, **extra)
+    return ok
+
+
+def _same_set(name, shape, B, kernels, got_pos, ref_pos, ref_scores, **extra):
+    """Selected positions against the float64 ranking's; a difference only among scores within 1e-4 (relative)
+    of the k-th best is a tie at fp32 precision, not an error (reported as ``near_ties``)."""
+    got_s, ref_s = set(got_pos.reshape(-1).tolist()), set(ref_pos.reshape(-1).tolist())
+    diff = sorted(got_s ^ ref_s)
+    near = False
+    if diff:
+        k = len(ref_s)
+        kth = ref_scores.sort(descending=True).values[k - 1].item()
+        near = all(abs(ref_scores[i].item() - kth) <= 1e-4 * abs(kth) for i in diff)
+    ok = len(got_s) == len(ref_s) and (not diff or near)
+    LOG.write("correctness", name=name, shape=shape, batch=B, kernels=kernels, n_selected=len(got_s),
+              mismatched=len(diff), near_ties=bool(diff and near), **{"pass": ok}, **extra)
+    return ok
+
+
+def check_shape(shape_name, d, f, B):
+    pb = make_problem(d, f, B, seed=hash((d, f, B)) % 1000)
+    tol = TOL[DTYPE]
+    n_R, n_C, n_sel = pb["n_R"], pb["n_C"], pb["n_sel"]
+    ops = torch.ops.pop
+    on_gpu = DEVICE == "cuda"
+    shape = [d, f]
+    sect = "correctness"
+
+    # the Triton kernels themselves (on the CPU under the interpreter)
+    h2 = pb["h_rc"].reshape(B, -1)
+    guarded(sect, lambda: _close("gemv_triton", shape, B, "triton", gemv_triton(h2, pb["wd_rc"]),
+                                 h2.double() @ pb["wd_rc"][:, : pb["n_rc"]].double().t(), tol,
+                                 grid=[math.ceil(d / 64), split_for(d, pb["wd_rc"].shape[1], sm_count())]),
+            name="gemv_triton", shape=shape, batch=B)
+    wn_c = pb["wd_norm_c"].reshape(-1)
+    ref_scores = torch.linalg.vector_norm(h2[:, n_R:].double(), dim=0) * wn_c.double()
+    ref_pos = P.top_k(ref_scores, n_sel)
+
+    def sel_triton():
+        masked = select_triton(h2, wn_c, n_R, n_sel)
+        return (masked[:, n_R:] != 0).any(0).nonzero().reshape(-1)  # h is randn: no exact zeros
+
+    guarded(sect, lambda: _same_set("select_triton", shape, B, "triton", sel_triton(), ref_pos, ref_scores),
+            name="select_triton", shape=shape, batch=B)
+    guarded(sect, lambda: _same_set("select_torch", shape, B, "torch",
+                                    P.candidate_topk(h2[:, n_R:], wn_c, n_sel), ref_pos, ref_scores),
+            name="select_torch", shape=shape, batch=B)
+    rows = layout.kept_rows(torch.arange(n_sel, device=DEVICE) * 2 % n_C, n_R, pb["n_rc"], 2)
+    x2 = pb["x"].reshape(B, d)
+    guarded(sect, lambda: _close("rows_gemv_triton", shape, B, "triton", rows_gemv_triton(x2, pb["w_in"], rows),
+                                 x2.double() @ pb["w_in"][rows].double().t(), tol),
+            name="rows_gemv_triton", shape=shape, batch=B)
+    c_rows = torch.cat([pb["rc_idx"][0, n_R:], pb["rc_idx"][0, n_R:] + f])
+    guarded(sect, lambda: _close("rows_gemv_triton_int8", shape, B, "triton",
+                                 rows_gemv_triton(x2, pb["q"], c_rows, pb["s"], torch.float32),
+                                 x2.double() @ (pb["q"][c_rows].double() * pb["s"][c_rows].double()[:, None]).t(),
+                                 TOL[torch.float32]),
+            name="rows_gemv_triton_int8", shape=shape, batch=B)
+
+    # pop::decode (scope="batch"): kernels torch and triton
+    ref = decode_reference(pb["h_rc"].double(), pb["wd_rc"].double(), None, pb["wd_norm_c"], n_R, n_sel)
+    for kern, code in (("torch", 0), ("triton", 1)):
+        def run_decode(code=code):
+            if code == 1 and not on_gpu:  # the op runs its torch body on the CPU: call its Triton path directly
+                return decode_triton(pb["h_rc"], pb["wd_rc"], None, pb["wd_norm_c"], n_R, n_sel)
+            return ops.decode(pb["h_rc"], pb["wd_rc"], None, pb["wd_norm_c"], n_R, n_sel, code)
+        guarded(sect, lambda: _close("pop::decode", shape, B, kern, run_decode(), ref, tol),
+                name="pop::decode", shape=shape, batch=B, kernels=kern)
+
+    # pop::decode_seq (scope="sequence")
+    ref = decode_seq_reference(pb["h_full"].double(), pb["wd"].double(), None, pb["wd_norm"], pb["seq_rc"], n_R,
+                               n_sel, 0)
+    for kern, code in (("torch", 0), ("triton", 1)):
+        def run_seq(code=code):
+            if code == 1 and not on_gpu:
+                y = gemv_triton(masked_seq(pb["h_full"], pb["wd_norm"], pb["seq_rc"], n_R, n_sel), pb["wd"])
+                return y.reshape(B, 1, d)
+            return ops.decode_seq(pb["h_full"], pb["wd"], None, pb["wd_norm"], pb["seq_rc"], n_R, n_sel, 0, code)
+        guarded(sect, lambda: _close("pop::decode_seq", shape, B, kern, run_seq(), ref, tol),
+                name="pop::decode_seq", shape=shape, batch=B, kernels=kern)
+
+    # the proxy ops (candidate_proxy="int8"): on CUDA their bodies launch rows_gemv's kernel, on the CPU torch
+    kern_proxy = "triton" if on_gpu else "torch"
+    c_idx = pb["rc_idx"][0, n_R:]
+    h_px = proxy_activation(x2.double(), pb["q"], pb["s"].double(), c_idx, f, 0, both=True)
+    px_scores = torch.linalg.vector_norm(h_px, dim=0) * wn_c.double()
+    sel_ref = P.top_k(px_scores, n_sel)
+    sel = guarded(sect, lambda: ops.proxy_select(pb["x"], pb["q"], pb["s"], pb["rc_idx"], pb["wd_norm_c"], n_R,
+                                                 n_sel, f, 0), name="pop::proxy_select", shape=shape, batch=B)
+    if sel is not None:
+        guarded(sect, lambda: _same_set("pop::proxy_select", shape, B, kern_proxy, sel, sel_ref, px_scores),
+                name="pop::proxy_select", shape=shape, batch=B)
+    sel = sel_ref  # the next ops' reference and input: the float64 ranking's choice
+    kept = layout.kept_rows(sel, n_R, pb["n_rc"], 2)
+    guarded(sect, lambda: _close("pop::gather_in", shape, B, kern_proxy,
+                                 ops.gather_in(pb["x"], pb["w_in"], None, sel, n_R, pb["n_rc"], 2),
+                                 pb["x"].double() @ pb["w_in"][kept].double().t(), tol),
+            name="pop::gather_in", shape=shape, batch=B)
+    h_sel = torch.randn(B, 1, n_R + n_sel, generator=_gen(7), device=DEVICE).to(DTYPE)
+    keep_cols = torch.cat([torch.arange(n_R, device=DEVICE), n_R + sel])
+    guarded(sect, lambda: _close("pop::decode_sel", shape, B, "torch",
+                                 ops.decode_sel(h_sel, pb["wd_rc"], None, sel, n_R, n_C),
+                                 h_sel.double() @ pb["wd_rc"][:, keep_cols].double().t(), tol),
+            name="pop::decode_sel", shape=shape, batch=B)
+
+
+def check_experts(B):
+    """pop::experts_decode (kernels torch and triton) against the per-expert loop in float64: a small MoE block."""
+    from pop_fx.ops.experts_decode import experts_decode_loop, experts_decode_pairs
+
+    E, H, I, k = (4, 64, 96, 2) if TINY else (16, 2048, 1024, 4)
+    g = _gen(11)
+    sizes = P.partition_sizes(I, R, GAMMA)
+    n_rc = sizes.n_R + sizes.n_C
+    gate_up = (torch.randn(E, 2 * I, H, generator=g, device=DEVICE) * H ** -0.5).to(DTYPE)
+    down = (torch.randn(E, H, I, generator=g, device=DEVICE) * I ** -0.5).to(DTYPE)
+    wd_norm = P.down_column_norm(down)
+    rc_idx = torch.zeros(E, 1, n_rc, dtype=torch.long, device=DEVICE)
+    wd_norm_c = torch.zeros(E, 1, sizes.n_C, dtype=torch.float32, device=DEVICE)
+    dense = torch.zeros(E, 1, dtype=torch.bool, device=DEVICE)
+    w_in = torch.zeros(E, 2 * n_rc, H, dtype=DTYPE, device=DEVICE)
+    wd_rc = torch.zeros(E, H, layout.padded(n_rc), dtype=DTYPE, device=DEVICE)
+    for e in range(E):
+        layout.write_expert_partition(e, torch.rand(1, I, generator=g, device=DEVICE), torch.zeros(1, dtype=torch.bool,
+                                      device=DEVICE), sizes, gate_up, down, wd_norm, rc_idx, wd_norm_c, dense, w_in,
+                                      wd_rc)
+    hidden = torch.randn(B, H, generator=g, device=DEVICE).to(DTYPE)
+    logits = torch.randn(B, E, generator=g, device=DEVICE)
+    w, idx = torch.softmax(logits, -1).topk(k, -1)
+    args = (hidden, idx, w.to(DTYPE), gate_up, down, rc_idx, wd_norm_c, dense, w_in, wd_rc, sizes.n_R,
+            sizes.n_select, "silu", False)
+    d64 = [a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+    ref = experts_decode_loop(*d64)
+    shape = [E, H, I, k]
+    for kern, code in (("torch", 0), ("triton", 1)):
+        def run(code=code):
+            if DEVICE == "cuda":
+                return torch.ops.pop.experts_decode(*args, False, code)
+            return experts_decode_pairs(*args, False, code)
+        guarded("correctness", lambda: _close("pop::experts_decode", shape, B, kern, run(), ref, TOL[DTYPE]),
+                name="pop::experts_decode", shape=shape, batch=B, kernels=kern)
+
+
+def section_correctness():
+    for name, (d, f) in SHAPES.items():
+        for B in BATCHES:
+            guarded("correctness", check_shape, name, d, f, B, name="shape", shape=[d, f], batch=B)
+    for B in BATCHES:
+        guarded("correctness", check_experts, B, name="pop::experts_decode", batch=B)
+
+
+# ------------------------------------------------------------------------------------------------
+# micro-timings: rotating weight sets, eager and CUDA-graph replay
+# ------------------------------------------------------------------------------------------------
+
+
+def _n_sets(bytes_per_set: int) -> int:
+    if TINY:
+        return 2
+    return max(2, math.ceil(3 * L2_BYTES / max(bytes_per_set, 1)))
+
+
+def time_rotating(make_set, fn, bytes_per_set: int, read_bytes: int):
+    """Per-call seconds of ``fn(*set)``, each call on the next set: (eager, graph replay) medians and samples."""
+    n = _n_sets(bytes_per_set)
+    sets = [make_set(i) for i in range(n)]
+    calls = n if TINY else n * max(1, math.ceil(24 / n))
+    for s in sets[:2]:  # compile / autotune / warm
+        fn(*s)
+    sync()
+
+    def loop():
+        for i in range(calls):
+            fn(*sets[i % n])
+
+    reps = 2 if TINY else 7
+    eager = [time_region(loop, 1) / calls for _ in range(reps)]
+    out = dict(sets=n, set_mib=bytes_per_set / 2**20, calls_per_sample=calls, eager_us=statistics.median(eager) * 1e6,
+               eager_samples_us=[t * 1e6 for t in eager])
+    if DEVICE == "cuda":
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                loop()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                loop()
+            graph.replay()
+            sync()
+            gt = [time_region(graph.replay, 3) / calls for _ in range(reps)]
+            out.update(graph_us=statistics.median(gt) * 1e6, graph_samples_us=[t * 1e6 for t in gt])
+            del graph
+        except Exception as exc:  # noqa: BLE001
+            out.update(graph_error=f"{type(exc).__name__}: {exc}"[:500])
+    best = out.get("graph_us") or out["eager_us"]
+    out["gbps"] = read_bytes / (best / 1e6) / 1e9
+    if COPY_GBPS:
+        out["frac_of_copy"] = out["gbps"] / COPY_GBPS
+    del sets
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def time_shape(shape_name, d, f, B):
+    sizes = P.partition_sizes(f, R, GAMMA)
+    n_R, n_C, n_sel, n_keep = sizes.n_R, sizes.n_C, sizes.n_select, sizes.n_keep
+    n_rc = n_R + n_C
+    n_pad = layout.padded(n_rc)
+    e = DTYPE.itemsize if hasattr(DTYPE, "itemsize") else 2
+    g = _gen(3)
+    dev = DEVICE
+    ops = torch.ops.pop
+    rn = lambda *s: torch.randn(*s, generator=g, device=dev).to(DTYPE)  # noqa: E731
+    wn_c = torch.rand(1, n_C, generator=g, device=dev) + 0.1
+    wd_norm = torch.rand(f, generator=g, device=dev) + 0.1
+    rc_idx = torch.stack([torch.randperm(f, generator=g, device=dev)[:n_rc].sort().values for _ in range(B)])
+    h_rc, h_full, h_keep, x = rn(B, 1, n_rc), rn(B, 1, f), rn(B, n_keep), rn(B, 1, d)
+    rows_c = torch.cat([rc_idx[0, n_R:], rc_idx[0, n_R:] + f])
+    sel = torch.randperm(n_C, generator=g, device=dev)[:n_sel]
+    base = dict(shape=shape_name, d=d, d_ff=f, batch=B, n_keep=n_keep, n_R=n_R, n_C=n_C, n_select=n_sel)
+    dense_bytes, keep_bytes = d * f * e, d * n_keep * e
+    items = [
+        # name, bytes of one weight set, bytes a call must read at least, make_set, fn
+        ("dense_down F.linear", dense_bytes, dense_bytes, lambda i: (rn(d, f),),
+         lambda w: F.linear(h_full, w)),
+        ("ideal_down F.linear n_keep", keep_bytes, keep_bytes, lambda i: (rn(d, n_keep),),
+         lambda w: F.linear(h_keep, w)),
+        ("pop::decode kernels=torch", d * n_pad * e, keep_bytes, lambda i: (rn(d, n_pad),),
+         lambda w: ops.decode(h_rc, w, None, wn_c, n_R, n_sel, 0)),
+        ("pop::decode kernels=triton", d * n_pad * e, keep_bytes, lambda i: (rn(d, n_pad),),
+         lambda w: ops.decode(h_rc, w, None, wn_c, n_R, n_sel, 1) if DEVICE == "cuda"
+         else decode_triton(h_rc, w, None, wn_c, n_R, n_sel)),
+        ("gemv_triton (R ∪ C layout)", d * n_pad * e, d * n_rc * e, lambda i: (rn(d, n_pad),),
+         lambda w: gemv_triton(h_rc.reshape(B, n_rc), w)),
+        ("F.linear (R ∪ C layout)", d * n_pad * e, d * n_rc * e, lambda i: (rn(d, n_pad),),
+         lambda w: F.linear(h_rc.reshape(B, n_rc), w[:, :n_rc])),
+        ("select_triton", 0, 0, lambda i: (), lambda: select_triton(h_rc.reshape(B, n_rc), wn_c.reshape(-1), n_R, n_sel)),
+        ("select torch.topk + mask", 0, 0, lambda i: (), lambda: candidate_mask(h_rc.reshape(B, n_rc)[:, n_R:],
+                                                                               wn_c, n_sel)),
+        ("pop::decode_seq kernels=torch", dense_bytes, dense_bytes, lambda i: (rn(d, f),),
+         lambda w: ops.decode_seq(h_full, w, None, wd_norm, rc_idx, n_R, n_sel, 0, 0)),
+        ("pop::decode_seq kernels=triton", dense_bytes, dense_bytes, lambda i: (rn(d, f),),
+         lambda w: ops.decode_seq(h_full, w, None, wd_norm, rc_idx, n_R, n_sel, 0, 1) if DEVICE == "cuda"
+         else gemv_triton(masked_seq(h_full, wd_norm, rc_idx, n_R, n_sel), w)),
+        ("dense gate+up F.linear", 2 * dense_bytes, 2 * dense_bytes, lambda i: (rn(2 * f, d),),
+         lambda w: F.linear(x, w)),
+        ("ideal gate+up F.linear n_keep", 2 * keep_bytes, 2 * keep_bytes, lambda i: (rn(2 * n_keep, d),),
+         lambda w: F.linear(x, w)),
+        ("pop gate+up F.linear (R ∪ C layout)", 2 * d * n_rc * e, 2 * d * n_rc * e, lambda i: (rn(2 * n_rc, d),),
+         lambda w: F.linear(x, w)),
+        ("pop::proxy_select int8", 2 * f * d, 2 * n_C * d,
+         lambda i: (torch.randint(-127, 128, (2 * f, d), generator=g, device=dev, dtype=torch.int8),
+                    torch.rand(2 * f, generator=g, device=dev) * 0.01),
+         lambda q, s: ops.proxy_select(x, q, s, rc_idx[:1], wn_c, n_R, n_sel, f, 0)),
+        ("rows_gemv_triton int8 (C band)", 2 * f * d, 2 * n_C * d,
+         lambda i: (torch.randint(-127, 128, (2 * f, d), generator=g, device=dev, dtype=torch.int8),
+                    torch.rand(2 * f, generator=g, device=dev) * 0.01),
+         lambda q, s: rows_gemv_triton(x.reshape(B, d), q, rows_c, s, torch.float32)),
+        ("pop::gather_in", 2 * d * n_rc * e, 2 * keep_bytes, lambda i: (rn(2 * n_rc, d),),
+         lambda w: ops.gather_in(x, w, None, sel, n_R, n_rc, 2)),
+        ("pop::decode_sel", d * n_pad * e, keep_bytes, lambda i: (rn(d, n_pad),),
+         lambda w: ops.decode_sel(h_keep.reshape(B, 1, n_keep), w, None, sel, n_R, n_C)),
+    ]
+    results = {}
+    for name, set_bytes, read_bytes, make_set, fn in items:
+        if remaining() < 30:
+            LOG.write("timing", "skipped", name=name, reason="budget", **base)
+            continue
+        r = guarded("timing", time_rotating, make_set, fn, set_bytes, read_bytes, name=name, **base)
+        if r is not None:
+            results[name] = r
+            dense = results.get("dense_down F.linear")
+            ideal = results.get("ideal_down F.linear n_keep")
+            best = r.get("graph_us") or r["eager_us"]
+            rel = {}
+            if name in DOWN_ITEMS:  # the down projections, against dense cuBLAS and the contiguous n_keep GEMV
+                for ref_name, ref in (("dense", dense), ("ideal", ideal)):
+                    if ref is not None:
+                        rel[f"speedup_vs_{ref_name}_down"] = (ref.get("graph_us") or ref["eager_us"]) / best
+            LOG.write("timing", name=name, read_bytes=read_bytes, **base, **r, **rel)
+
+
+DOWN_ITEMS = ("ideal_down F.linear n_keep", "pop::decode kernels=torch", "pop::decode kernels=triton",
+              "gemv_triton (R ∪ C layout)", "F.linear (R ∪ C layout)", "pop::decode_seq kernels=torch",
+              "pop::decode_seq kernels=triton", "pop::decode_sel")
+
+
+def section_timing():
+    for name, (d, f) in SHAPES.items():
+        for B in BATCHES:
+            guarded("timing", time_shape, name, d, f, B, name="shape", shape=name, batch=B)
+
+
+# ------------------------------------------------------------------------------------------------
+# the 8-layer FFN stack: dense Inductor vs POP, with and without CUDA graphs
+# ------------------------------------------------------------------------------------------------
+
+_PROFILED = {}
+
+
+def _call(m, x, graphs):
+    if graphs and DEVICE == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
+    return m(x)
+
+
+def _build(variant, model, mode):
+    from pop_fx.config import PopConfig
+
+    torch._dynamo.reset()
+    if variant == "dense-inductor":
+        return torch.compile(model, mode=mode) if mode else torch.compile(model)
+    kernels = "triton" if variant == "pop-triton" else "auto"
+    cfg = PopConfig(sparsity=R, candidate_ratio=GAMMA, kernels=kernels)
+    pop_fx.decompile(model)
+    return pop_fx.compile(model, cfg, mode=mode)
+
+
+def stack_cell(model, B, graphs, variants):
+    from pop_fx.tools.bench import require_fully_rewritten
+
+    d, f = STACK_SHAPE
+    L = STACK_LAYERS
+    mode = "reduce-overhead" if graphs else None
+    g = _gen(5)
+    x_pre = torch.randn(B, 16, d, generator=g, device=DEVICE).to(DTYPE)
+    x_dec = torch.randn(B, 1, d, generator=g, device=DEVICE).to(DTYPE)
+    sizes = P.partition_sizes(f, R, GAMMA)
+    e = 2
+    n_rc = sizes.n_R + sizes.n_C
+    bytes_step = {"dense-inductor": L * 3 * d * f * e, "pop": L * 3 * d * n_rc * e, "pop-triton": L * 3 * d * n_rc * e}
+    ideal_bytes = L * 3 * d * sizes.n_keep * e
+    times = {}
+    for v in variants:
+        if remaining() < (20 if TINY else 60):
+            LOG.write("stack", "skipped", variant=v, batch=B, cuda_graphs=graphs, reason="budget")
+            continue
+
+        def one(v=v):
+            t_build = time.perf_counter()
+            m = _build(v, model, mode)
+            with torch.no_grad():
+                for _ in range(2):  # compile and warm: prefill then decode graphs (cudagraph trees record here)
+                    _call(m, x_pre, graphs)
+                    for _ in range(3):
+                        _call(m, x_dec, graphs)
+                sync()
+                compile_s = time.perf_counter() - t_build
+                if v != "dense-inductor":
+                    require_fully_rewritten(v, m)
+                steps = 2 if TINY else 20
+                samples = []
+                for _ in range(2 if TINY else 5):
+                    _call(m, x_pre, graphs)  # each round re-partitions, as a new prompt would
+                    samples.append(time_region(lambda: _call(m, x_dec, graphs), steps))
+                if not graphs and B == 1 and v not in _PROFILED:
+                    _PROFILED[v] = profile_step(m, x_pre, x_dec)
+            step = statistics.median(samples)
+            times[v] = step
+            rec = dict(variant=v, batch=B, cuda_graphs=graphs, layers=L, shape=[d, f], step_ms=step * 1e3,
+                       per_layer_ms=step * 1e3 / L, samples_ms=[s * 1e3 for s in samples], compile_s=compile_s,
+                       read_bytes=bytes_step[v], gbps=bytes_step[v] / step / 1e9, ideal_bytes=ideal_bytes,
+                       ideal_floor_ms=(ideal_bytes / (COPY_GBPS * 1e9) * 1e3) if COPY_GBPS else None)
+            if COPY_GBPS:
+                rec["frac_of_copy"] = rec["gbps"] / COPY_GBPS
+            if "dense-inductor" in times and v != "dense-inductor":
+                rec["speedup_vs_dense"] = times["dense-inductor"] / step
+                rec["target_speedup"] = 1.5 if B == 1 else 1.2
+                rec["target_met"] = rec["speedup_vs_dense"] >= rec["target_speedup"]
+            LOG.write("stack", **rec)
+
+        guarded("stack", one, variant=v, batch=B, cuda_graphs=graphs)
+        torch._dynamo.reset()
+        pop_fx.decompile(model)
+    return times
+
+
+def section_stack():
+    from pop_fx.tools.bench import FFNStack
+
+    d, f = STACK_SHAPE
+    model = FFNStack(d, f, STACK_LAYERS, DTYPE).to(DEVICE).eval()
+    variants = ("dense-inductor", "pop") if TINY else ("dense-inductor", "pop", "pop-triton")
+    results = {}
+    for graphs, B in STACK_CELLS:
+        results[(graphs, B)] = stack_cell(model, B, graphs, variants) or {}
+    for B in BATCHES:  # CUDA graphs should be no slower than without
+        for v in variants:
+            a, b = results.get((False, B), {}).get(v), results.get((True, B), {}).get(v)
+            if a and b:
+                LOG.write("stack", name="cuda_graphs_vs_eager", variant=v, batch=B, ratio=a / b,
+                          target_met=b <= a * 1.02)
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels per layer
+# ------------------------------------------------------------------------------------------------
+
+
+def profile_step(m, x_pre, x_dec):
+    """Kernels (CUDA) or operators (CPU) of one decode step, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with torch.no_grad():
+        m(x_pre)
+        m(x_dec)
+        sync()
+        with profile(activities=acts) as prof:
+            m(x_dec)
+            sync()
+    names = {}
+    if DEVICE == "cuda":
+        for ev in prof.events():
+            if ev.device_type == torch.autograd.DeviceType.CUDA:
+                names[ev.name] = names.get(ev.name, 0) + 1
+        unit = "cuda kernels (incl. memcpy/memset)"
+    else:
+        for ev in prof.events():
+            parent = ev.cpu_parent.name if ev.cpu_parent is not None else ""
+            if ev.name.startswith(("aten::", "pop::")) and not parent.startswith(("aten::", "pop::")):
+                names[ev.name] = names.get(ev.name, 0) + 1
+        unit = "cpu ops called from compiled code (Inductor's own C++ kernels are not profiled)"
+    return dict(total=sum(names.values()), unit=unit, kernels=dict(sorted(names.items(), key=lambda kv: -kv[1])[:40]))
+
+
+def section_profile():
+    if not _PROFILED:  # the stack section did not profile (it failed or was skipped): build batch-1 models here
+        from pop_fx.tools.bench import FFNStack
+
+        d, f = STACK_SHAPE
+        model = FFNStack(d, f, STACK_LAYERS, DTYPE).to(DEVICE).eval()
+        g = _gen(5)
+        x_pre = torch.randn(1, 16, d, generator=g, device=DEVICE).to(DTYPE)
+        x_dec = torch.randn(1, 1, d, generator=g, device=DEVICE).to(DTYPE)
+        for v in ("dense-inductor", "pop"):
+            m = _build(v, model, None)
+            with torch.no_grad():
+                m(x_pre)
+                m(x_dec)
+            _PROFILED[v] = profile_step(m, x_pre, x_dec)
+            torch._dynamo.reset()
+            pop_fx.decompile(model)
+    for v, p in _PROFILED.items():
+        LOG.write("profile", variant=v, layers=STACK_LAYERS, per_layer=p["total"] / STACK_LAYERS, **p)
+
+
+# ------------------------------------------------------------------------------------------------
+# the CUDA-only tests of the suite
+# ------------------------------------------------------------------------------------------------
+
+
+def section_cuda_tests():
+    import subprocess
+
+    if TINY:
+        LOG.write("cuda_tests", "skipped", reason="no CUDA (--tiny)")
+        return
+    try:
+        import pytest  # noqa: F401
+    except ImportError:
+        LOG.write("cuda_tests", "skipped", reason="pytest is not installed")
+        return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = []
+    for dirpath, _, names in os.walk(os.path.join(root, "tests")):
+        for n in names:
+            if n.startswith("test_") and n.endswith(".py"):
+                path = os.path.join(dirpath, n)
+                with open(path) as fh:
+                    if "cuda.is_available" in fh.read():
+                        files.append(os.path.relpath(path, root))
+    limit = min(180.0, remaining())
+    if limit < 30:
+        LOG.write("cuda_tests", "skipped", reason="budget", files=files)
+        return
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-x", "-p", "no:cacheprovider", *sorted(files)],
+                          cwd=root, capture_output=True, text=True, timeout=limit,
+                          env=dict(os.environ, PYTHONPATH=root))
+    LOG.write("cuda_tests", "ok" if proc.returncode == 0 else "error", files=files, returncode=proc.returncode,
+              tail=(proc.stdout + proc.stderr)[-3000:])
+
+
+SECTIONS = {"env": section_env, "copy": section_copy, "correctness": section_correctness, "timing": section_timing,
+            "stack": section_stack, "profile": section_profile, "cuda_tests": section_cuda_tests}
+
+
+def main():
+    wanted = ARGS.sections.split(",") if ARGS.sections else list(SECTIONS)
+    for name in wanted:
+        t = time.perf_counter()
+        try:
+            SECTIONS[name]()
+        except Exception as exc:  # noqa: BLE001
+            LOG.error(name, exc)
+        print(f"# section {name}: {time.perf_counter() - t:.1f} s", flush=True)
+    LOG.write("done", wall_s=time.perf_counter() - T0, errors=LOG.errors, sections=wanted)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
