@@ -19,16 +19,18 @@ Sections, in order:
                      experts_decode) and the Triton kernels themselves (split-K GEMV, select, rows GEMV), with
                      kernels=triton and kernels=torch, at the 1B shape (d 2048, d_ff 5632) and a 7B shape (d 4096,
                      d_ff 14336), bf16, batch 1 and 8, against a float64 reference (``pass`` per record).
+* ``cuda_tests``   — the test suite's CUDA-only tests (``pytest -k cuda``, if pytest is installed there).
 * ``timing``       — CUDA-event micro-timings of the same kernels (eager launches, and replayed from a CUDA graph
                      so that launch overhead is excluded), each call on the next of several weight sets that
                      together exceed L2 three times (no L2 hits), beside dense cuBLAS ``F.linear`` over all d_ff
                      channels and a contiguous GEMV over exactly n_keep channels (the best POP could do); achieved
                      GB/s and the fraction of the copy ceiling.
 * ``stack``        — an 8-layer 1B-shaped FFN stack (``pop_fx.tools.bench.FFNStack``), one decode step: dense
-                     Inductor vs POP (r=0.5, γ=0.1, kernels "auto" and "triton"), batch 1 and 8, without and with
-                     CUDA graphs (``mode="reduce-overhead"``); the issue's targets beside the speedups.
+                     Inductor vs POP (r=0.5, γ=0.1, kernels "auto"), batch 1 and 8, without and with CUDA graphs
+                     (``mode="reduce-overhead"``), then POP with kernels="triton" while the budget lasts; the
+                     issue's targets beside the speedups, and under CUDA graphs Inductor's counters of skipped
+                     graphs and of inputs copied on every replay.
 * ``profile``      — a ``torch.profiler`` count of the kernels one decode step launches, per layer, dense and POP.
-* ``cuda_tests``   — the test suite's CUDA-only tests (pytest, if installed there).
 * ``done``         — wall time and the number of error records.
 
 ``--tiny`` (automatic without CUDA) runs the same sections on tiny shapes on the CPU, the Triton kernels under
@@ -92,8 +94,13 @@ SHAPES = {"tiny": (64, 256), "tiny-odd": (96, 352)} if TINY else {"1b": (2048, 5
 BATCHES = (1, 8)
 STACK_LAYERS = 2 if TINY else 8
 STACK_SHAPE = (64, 256) if TINY else (2048, 5632)
-# (CUDA graphs, batch) cells of the stack; on the CPU two cells cover both code paths (each is two compiles)
-STACK_CELLS = ((False, 1), (True, 8)) if TINY else ((False, 1), (True, 1), (False, 8), (True, 8))
+# (CUDA graphs, batch, variants) cells of the stack, in order: the dense-vs-POP cells first, then POP with the
+# Triton kernels (each variant is one compile of the stack). On the CPU two cells cover both code paths.
+_MAIN = ("dense-inductor", "pop")
+STACK_CELLS = (((False, 1, _MAIN), (True, 8, _MAIN)) if TINY else
+               ((False, 1, _MAIN), (True, 1, _MAIN), (False, 8, _MAIN), (True, 8, _MAIN),
+                (False, 1, ("pop-triton",)), (False, 8, ("pop-triton",)), (True, 1, ("pop-triton",)),
+                (True, 8, ("pop-triton",))))
 # bf16: one rounding of the output at its scale (fp32 accumulation everywhere), twice for slack; a wrong candidate
 # row moves an output by |h_c|·|Wd[:, c]| ~ 3/sqrt(d_ff) of the scale, several times this.
 TOL = {torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -12}
@@ -400,15 +407,26 @@ def check_shape(shape_name, d, f, B):
             name="pop::decode_sel", shape=shape, batch=B)
 
 
+def _ternary(shape, density, scale, g):
+    """Entries in {-scale, 0, scale}, nonzero with probability ``density``."""
+    keep = torch.rand(*shape, generator=g, device=DEVICE) < density
+    sign = torch.where(torch.rand(*shape, generator=g, device=DEVICE) < 0.5, -1.0, 1.0)
+    return (keep * sign * scale).to(DTYPE)
+
+
 def check_experts(B):
-    """pop::experts_decode (kernels torch and triton) against the per-expert loop in float64: a small MoE block."""
-    from pop_fx.ops.experts_decode import experts_decode_loop, experts_decode_pairs
+    """pop::experts_decode (kernels torch and triton) against the per-expert loop in float64: a small MoE block.
+
+    Its gate/up products are exact in bf16 (ternary hidden states, 16 nonzero ±1/8 weights a row, ReLU: every
+    act(gate)·up is k/64 with |k| <= 256), so bf16 rounding inside the op cannot reorder the candidates and the
+    float64 loop must pick the same ones; the down projection and the routing weights are arbitrary bf16."""
+    from pop_fx.ops.experts_decode import experts_decode_loop, experts_decode_pairs, pair_gemv_triton
 
     E, H, I, k = (4, 64, 96, 2) if TINY else (16, 2048, 1024, 4)
     g = _gen(11)
     sizes = P.partition_sizes(I, R, GAMMA)
     n_rc = sizes.n_R + sizes.n_C
-    gate_up = (torch.randn(E, 2 * I, H, generator=g, device=DEVICE) * H ** -0.5).to(DTYPE)
+    gate_up = _ternary((E, 2 * I, H), 16 / H, 0.125, g)
     down = (torch.randn(E, H, I, generator=g, device=DEVICE) * I ** -0.5).to(DTYPE)
     wd_norm = P.down_column_norm(down)
     rc_idx = torch.zeros(E, 1, n_rc, dtype=torch.long, device=DEVICE)
@@ -420,21 +438,26 @@ def check_experts(B):
         layout.write_expert_partition(e, torch.rand(1, I, generator=g, device=DEVICE), torch.zeros(1, dtype=torch.bool,
                                       device=DEVICE), sizes, gate_up, down, wd_norm, rc_idx, wd_norm_c, dense, w_in,
                                       wd_rc)
-    hidden = torch.randn(B, H, generator=g, device=DEVICE).to(DTYPE)
+    hidden = _ternary((B, H), 1.0, 1.0, g)
     logits = torch.randn(B, E, generator=g, device=DEVICE)
     w, idx = torch.softmax(logits, -1).topk(k, -1)
     args = (hidden, idx, w.to(DTYPE), gate_up, down, rc_idx, wd_norm_c, dense, w_in, wd_rc, sizes.n_R,
-            sizes.n_select, "silu", False)
+            sizes.n_select, "relu", False)
     d64 = [a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
     ref = experts_decode_loop(*d64)
     shape = [E, H, I, k]
     for kern, code in (("torch", 0), ("triton", 1)):
-        def run(code=code):
-            if DEVICE == "cuda":
-                return torch.ops.pop.experts_decode(*args, False, code)
-            return experts_decode_pairs(*args, False, code)
-        guarded("correctness", lambda: _close("pop::experts_decode", shape, B, kern, run(), ref, TOL[DTYPE]),
-                name="pop::experts_decode", shape=shape, batch=B, kernels=kern)
+        guarded("correctness", lambda code=code, kern=kern: _close(
+            "pop::experts_decode", shape, B, kern,
+            torch.ops.pop.experts_decode(*args, False, code) if DEVICE == "cuda" else experts_decode_pairs(*args, False, code),
+            ref, TOL[DTYPE], effective="torch (the CPU runs the op's torch body)" if DEVICE != "cuda" else kern),
+            name="pop::experts_decode", shape=shape, batch=B, kernels=kern)
+    # the op's Triton kernel itself (on the CPU under the interpreter): each pair through its expert's R ∪ C rows
+    pairs = idx.reshape(-1).sort().values
+    xp = torch.randn(pairs.numel(), H, generator=g, device=DEVICE).to(DTYPE)
+    guarded("correctness", lambda: _close("pair_gemv_triton", shape, B, "triton", pair_gemv_triton(xp, w_in, pairs),
+                                          torch.einsum("pnk,pk->pn", w_in[pairs].double(), xp.double()), TOL[DTYPE]),
+            name="pair_gemv_triton", shape=shape, batch=B)
 
 
 def section_correctness():
@@ -452,6 +475,8 @@ def section_correctness():
 
 def _n_sets(bytes_per_set: int) -> int:
     if TINY:
+        return 2
+    if bytes_per_set <= 0:  # nothing to rotate (the select kernels read activations only)
         return 2
     return max(2, math.ceil(3 * L2_BYTES / max(bytes_per_set, 1)))
 
@@ -595,6 +620,7 @@ def section_timing():
 # ------------------------------------------------------------------------------------------------
 
 _PROFILED = {}
+_STACK_TIMES = {}  # (cuda graphs, batch) -> {variant: seconds per decode step}
 
 
 def _call(m, x, graphs):
@@ -629,13 +655,16 @@ def stack_cell(model, B, graphs, variants):
     n_rc = sizes.n_R + sizes.n_C
     bytes_step = {"dense-inductor": L * 3 * d * f * e, "pop": L * 3 * d * n_rc * e, "pop-triton": L * 3 * d * n_rc * e}
     ideal_bytes = L * 3 * d * sizes.n_keep * e
-    times = {}
+    times = _STACK_TIMES.setdefault((graphs, B), {})
     for v in variants:
         if remaining() < (20 if TINY else 60):
             LOG.write("stack", "skipped", variant=v, batch=B, cuda_graphs=graphs, reason="budget")
             continue
 
         def one(v=v):
+            from torch._dynamo.utils import counters
+
+            c0 = {k: counters["inductor"][k] for k in ("cudagraph_skips", "cudagraph_recorded_non_static_inputs")}
             t_build = time.perf_counter()
             m = _build(v, model, mode)
             with torch.no_grad():
@@ -662,6 +691,8 @@ def stack_cell(model, B, graphs, variants):
                        ideal_floor_ms=(ideal_bytes / (COPY_GBPS * 1e9) * 1e3) if COPY_GBPS else None)
             if COPY_GBPS:
                 rec["frac_of_copy"] = rec["gbps"] / COPY_GBPS
+            if graphs:  # a skipped cudagraph, or weights/state copied on every replay, shows here
+                rec.update({k: counters["inductor"][k] - n for k, n in c0.items()})
             if "dense-inductor" in times and v != "dense-inductor":
                 rec["speedup_vs_dense"] = times["dense-inductor"] / step
                 rec["target_speedup"] = 1.5 if B == 1 else 1.2
@@ -679,13 +710,11 @@ def section_stack():
 
     d, f = STACK_SHAPE
     model = FFNStack(d, f, STACK_LAYERS, DTYPE).to(DEVICE).eval()
-    variants = ("dense-inductor", "pop") if TINY else ("dense-inductor", "pop", "pop-triton")
-    results = {}
-    for graphs, B in STACK_CELLS:
-        results[(graphs, B)] = stack_cell(model, B, graphs, variants) or {}
+    for graphs, B, variants in STACK_CELLS:
+        guarded("stack", stack_cell, model, B, graphs, variants, batch=B, cuda_graphs=graphs)
     for B in BATCHES:  # CUDA graphs should be no slower than without
-        for v in variants:
-            a, b = results.get((False, B), {}).get(v), results.get((True, B), {}).get(v)
+        for v in ("dense-inductor", "pop", "pop-triton"):
+            a, b = _STACK_TIMES.get((False, B), {}).get(v), _STACK_TIMES.get((True, B), {}).get(v)
             if a and b:
                 LOG.write("stack", name="cuda_graphs_vs_eager", variant=v, batch=B, ratio=a / b,
                           target_met=b <= a * 1.02)
@@ -773,15 +802,22 @@ def section_cuda_tests():
     if limit < 30:
         LOG.write("cuda_tests", "skipped", reason="budget", files=files)
         return
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-x", "-p", "no:cacheprovider", *sorted(files)],
-                          cwd=root, capture_output=True, text=True, timeout=limit,
-                          env=dict(os.environ, PYTHONPATH=root))
-    LOG.write("cuda_tests", "ok" if proc.returncode == 0 else "error", files=files, returncode=proc.returncode,
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", "cuda", *sorted(files)]
+    try:
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=limit,
+                              env=dict(os.environ, PYTHONPATH=root))
+    except subprocess.TimeoutExpired as exc:
+        LOG.write("cuda_tests", "error", error=f"timed out after {limit:.0f} s", files=files,
+                  tail=str(exc.stdout or "")[-3000:])
+        return
+    status = {0: "ok", 5: "skipped"}.get(proc.returncode, "error")  # 5: pytest collected nothing
+    LOG.write("cuda_tests", status, files=files, returncode=proc.returncode,
               tail=(proc.stdout + proc.stderr)[-3000:])
 
 
-SECTIONS = {"env": section_env, "copy": section_copy, "correctness": section_correctness, "timing": section_timing,
-            "stack": section_stack, "profile": section_profile, "cuda_tests": section_cuda_tests}
+SECTIONS = {"env": section_env, "copy": section_copy, "correctness": section_correctness,
+            "cuda_tests": section_cuda_tests, "timing": section_timing, "stack": section_stack,
+            "profile": section_profile}
 
 
 def main():

@@ -40,7 +40,7 @@ def test_correctness_covers_every_op_and_passes(records):
     for op in ("pop::decode", "pop::decode_seq", "pop::experts_decode"):
         assert {(op, "torch"), (op, "triton")} <= ran
     for name in ("pop::proxy_select", "pop::gather_in", "pop::decode_sel", "gemv_triton", "select_triton",
-                 "select_torch", "rows_gemv_triton", "rows_gemv_triton_int8"):
+                 "select_torch", "rows_gemv_triton", "rows_gemv_triton_int8", "pair_gemv_triton"):
         assert any(n == name for n, _ in ran), name
     # both shapes and both batches of every op
     assert len({(tuple(r["shape"]), r["batch"]) for r in corr if r["name"] == "pop::decode"}) == 4
