@@ -78,16 +78,6 @@ BUDGET = ARGS.budget if ARGS.budget is not None else (900.0 if TINY else 420.0)
 
 import torch.nn.functional as F  # noqa: E402
 
-import pop_fx  # noqa: E402,F401  (registers the pop:: ops)
-from pop_fx import partition as P  # noqa: E402
-from pop_fx.lowbit import quantize_rows  # noqa: E402
-from pop_fx.ops import layout  # noqa: E402
-from pop_fx.ops.decode import candidate_mask, decode_reference, decode_triton  # noqa: E402
-from pop_fx.ops.decode_seq import decode_seq_reference, keep_indices  # noqa: E402
-from pop_fx.ops.proxy_select import proxy_activation  # noqa: E402
-from pop_fx.ops.rows_gemv import rows_gemv_triton  # noqa: E402
-from pop_fx.ops.splitk_gemv import gemv_triton, select_triton, split_for  # noqa: E402
-
 DTYPE = torch.bfloat16
 R, GAMMA = 0.5, 0.1
 SHAPES = {"tiny": (64, 256), "tiny-odd": (96, 352)} if TINY else {"1b": (2048, 5632), "7b": (4096, 14336)}
@@ -152,6 +142,20 @@ class Log:
 OUT_DIR = ARGS.out or os.environ.get("OUT") or "."
 LOG = Log(os.path.join(OUT_DIR, "gpu_check.jsonl"))
 
+try:  # the library: a failure here is still a record
+    import pop_fx  # noqa: F401  (registers the pop:: ops)
+    from pop_fx import partition as P
+    from pop_fx.lowbit import quantize_rows
+    from pop_fx.ops import layout
+    from pop_fx.ops.decode import candidate_mask, decode_reference, decode_triton
+    from pop_fx.ops.decode_seq import decode_seq_reference, keep_indices
+    from pop_fx.ops.rows_gemv import rows_gemv_triton
+    from pop_fx.ops.splitk_gemv import gemv_triton, select_triton, split_for
+except Exception as _exc:  # noqa: BLE001
+    LOG.error("import", _exc)
+    LOG.write("done", wall_s=time.perf_counter() - T0, errors=LOG.errors, sections=[])
+    raise
+
 
 def remaining() -> float:
     return BUDGET - (time.perf_counter() - T0)
@@ -164,7 +168,10 @@ def guarded(section, fn, *args, **fields):
     except Exception as exc:  # noqa: BLE001 - every failure is a record, the run goes on
         LOG.error(section, exc, **fields)
         if CUDA:
-            torch.cuda.synchronize()
+            try:
+                torch.cuda.synchronize()
+            except Exception as sticky:  # noqa: BLE001 - a sticky CUDA error: later items will say so too
+                LOG.error(section, sticky, note="synchronize after the error failed")
         return None
 
 
@@ -385,7 +392,8 @@ def check_shape(shape_name, d, f, B):
     # the proxy ops (candidate_proxy="int8"): on CUDA their bodies launch rows_gemv's kernel, on the CPU torch
     kern_proxy = "triton" if on_gpu else "torch"
     c_idx = pb["rc_idx"][0, n_R:]
-    h_px = proxy_activation(x2.double(), pb["q"], pb["s"].double(), c_idx, f, 0, both=True)
+    z_px = x2.double() @ (pb["q"][c_rows].double() * pb["s"][c_rows].double()[:, None]).t()
+    h_px = F.silu(z_px[:, :n_C]) * z_px[:, n_C:]  # the int8 proxy's activations of C, in float64
     px_scores = torch.linalg.vector_norm(h_px, dim=0) * wn_c.double()
     sel_ref = P.top_k(px_scores, n_sel)
     sel = guarded(sect, lambda: ops.proxy_select(pb["x"], pb["q"], pb["s"], pb["rc_idx"], pb["wd_norm_c"], n_R,
@@ -544,14 +552,14 @@ def time_shape(shape_name, d, f, B):
     base = dict(shape=shape_name, d=d, d_ff=f, batch=B, n_keep=n_keep, n_R=n_R, n_C=n_C, n_select=n_sel)
     dense_bytes, keep_bytes = d * f * e, d * n_keep * e
     items = [
-        # name, bytes of one weight set, bytes a call must read at least, make_set, fn
+        # name, bytes of one weight set, weight bytes one call streams (its design's), make_set, fn
         ("dense_down F.linear", dense_bytes, dense_bytes, lambda i: (rn(d, f),),
          lambda w: F.linear(h_full, w)),
         ("ideal_down F.linear n_keep", keep_bytes, keep_bytes, lambda i: (rn(d, n_keep),),
          lambda w: F.linear(h_keep, w)),
-        ("pop::decode kernels=torch", d * n_pad * e, keep_bytes, lambda i: (rn(d, n_pad),),
+        ("pop::decode kernels=torch", d * n_pad * e, d * n_rc * e, lambda i: (rn(d, n_pad),),
          lambda w: ops.decode(h_rc, w, None, wn_c, n_R, n_sel, 0)),
-        ("pop::decode kernels=triton", d * n_pad * e, keep_bytes, lambda i: (rn(d, n_pad),),
+        ("pop::decode kernels=triton", d * n_pad * e, d * n_rc * e, lambda i: (rn(d, n_pad),),
          lambda w: ops.decode(h_rc, w, None, wn_c, n_R, n_sel, 1) if DEVICE == "cuda"
          else decode_triton(h_rc, w, None, wn_c, n_R, n_sel)),
         ("gemv_triton (R ∪ C layout)", d * n_pad * e, d * n_rc * e, lambda i: (rn(d, n_pad),),
@@ -582,7 +590,7 @@ def time_shape(shape_name, d, f, B):
          lambda q, s: rows_gemv_triton(x.reshape(B, d), q, rows_c, s, torch.float32)),
         ("pop::gather_in", 2 * d * n_rc * e, 2 * keep_bytes, lambda i: (rn(2 * n_rc, d),),
          lambda w: ops.gather_in(x, w, None, sel, n_R, n_rc, 2)),
-        ("pop::decode_sel", d * n_pad * e, keep_bytes, lambda i: (rn(d, n_pad),),
+        ("pop::decode_sel", d * n_pad * e, d * n_rc * e, lambda i: (rn(d, n_pad),),
          lambda w: ops.decode_sel(h_keep.reshape(B, 1, n_keep), w, None, sel, n_R, n_C)),
     ]
     results = {}
@@ -601,6 +609,14 @@ def time_shape(shape_name, d, f, B):
                 for ref_name, ref in (("dense", dense), ("ideal", ideal)):
                     if ref is not None:
                         rel[f"speedup_vs_{ref_name}_down"] = (ref.get("graph_us") or ref["eager_us"]) / best
+                # useful bytes: the n_keep columns a step needs, whatever the kernel streams to get them
+                rel["useful_gbps"] = keep_bytes / (best / 1e6) / 1e9
+                if COPY_GBPS:
+                    rel["useful_frac_of_copy"] = rel["useful_gbps"] / COPY_GBPS
+            if name in ("pop::decode kernels=triton", "gemv_triton (R ∪ C layout)") and B == 1:
+                rel["target_frac_of_copy"] = 0.7 if shape_name == "7b" else 0.5  # the targets
+                if "frac_of_copy" in r:
+                    rel["target_met"] = r["frac_of_copy"] >= rel["target_frac_of_copy"]
             LOG.write("timing", name=name, read_bytes=read_bytes, **base, **r, **rel)
 
 
@@ -657,7 +673,7 @@ def stack_cell(model, B, graphs, variants):
     ideal_bytes = L * 3 * d * sizes.n_keep * e
     times = _STACK_TIMES.setdefault((graphs, B), {})
     for v in variants:
-        if remaining() < (20 if TINY else 60):
+        if remaining() < (20 if TINY else 90):  # one compile of the 8-layer stack and its timing
             LOG.write("stack", "skipped", variant=v, batch=B, cuda_graphs=graphs, reason="budget")
             continue
 
@@ -686,6 +702,7 @@ def stack_cell(model, B, graphs, variants):
             step = statistics.median(samples)
             times[v] = step
             rec = dict(variant=v, batch=B, cuda_graphs=graphs, layers=L, shape=[d, f], step_ms=step * 1e3,
+                       automatic_dynamic_shapes=torch._dynamo.config.automatic_dynamic_shapes,
                        per_layer_ms=step * 1e3 / L, samples_ms=[s * 1e3 for s in samples], compile_s=compile_s,
                        read_bytes=bytes_step[v], gbps=bytes_step[v] / step / 1e9, ideal_bytes=ideal_bytes,
                        ideal_floor_ms=(ideal_bytes / (COPY_GBPS * 1e9) * 1e3) if COPY_GBPS else None)
@@ -710,8 +727,11 @@ def section_stack():
 
     d, f = STACK_SHAPE
     model = FFNStack(d, f, STACK_LAYERS, DTYPE).to(DEVICE).eval()
-    for graphs, B, variants in STACK_CELLS:
-        guarded("stack", stack_cell, model, B, graphs, variants, batch=B, cuda_graphs=graphs)
+    # Static shapes for both variants: the prefill's sequence length must not make the decode graph dynamic
+    # (Dynamo's automatic dynamic shapes would, on the second shape it sees), the fastest dense baseline.
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        for graphs, B, variants in STACK_CELLS:
+            guarded("stack", stack_cell, model, B, graphs, variants, batch=B, cuda_graphs=graphs)
     for B in BATCHES:  # CUDA graphs should be no slower than without
         for v in ("dense-inductor", "pop", "pop-triton"):
             a, b = _STACK_TIMES.get((False, B), {}).get(v), _STACK_TIMES.get((True, B), {}).get(v)
@@ -755,6 +775,10 @@ def profile_step(m, x_pre, x_dec):
 def section_profile():
     if not _PROFILED:  # the stack section did not profile (it failed or was skipped): build batch-1 models here
         from pop_fx.tools.bench import FFNStack
+
+        if remaining() < (20 if TINY else 90):
+            LOG.write("profile", "skipped", reason="budget")
+            return
 
         d, f = STACK_SHAPE
         model = FFNStack(d, f, STACK_LAYERS, DTYPE).to(DEVICE).eval()
