@@ -123,11 +123,19 @@ class Log:
         self.path = path
         self.f = open(path, "w")
         self.errors = 0
+        self.targets = []  # the targets as measured: one short line each, repeated in the done record
+        self.failed = []  # correctness records that did not pass
 
     def write(self, section, status="ok", **fields):
         rec = _clean(dict(section=section, status=status, t=round(time.perf_counter() - T0, 2), **fields))
         if status == "error":
             self.errors += 1
+        if "target_met" in rec:
+            self.targets.append({k: rec.get(k) for k in ("section", "name", "variant", "shape", "batch", "cuda_graphs",
+                                                         "target_met", "frac_of_copy", "speedup_vs_dense", "ratio")
+                                 if rec.get(k) is not None})
+        if rec.get("pass") is False:
+            self.failed.append({k: rec.get(k) for k in ("name", "shape", "batch", "kernels", "rel_err", "mismatched")})
         self.f.write(json.dumps(rec, default=str) + "\n")
         self.f.flush()
         os.fsync(self.f.fileno())
@@ -853,7 +861,8 @@ def main():
         except Exception as exc:  # noqa: BLE001
             LOG.error(name, exc)
         print(f"# section {name}: {time.perf_counter() - t:.1f} s", flush=True)
-    LOG.write("done", wall_s=time.perf_counter() - T0, errors=LOG.errors, sections=wanted)
+    LOG.write("done", wall_s=time.perf_counter() - T0, errors=LOG.errors, sections=wanted,
+              correctness_failed=LOG.failed, targets=LOG.targets)
     return 0
 
 

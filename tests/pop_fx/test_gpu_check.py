@@ -31,6 +31,7 @@ def test_every_section_and_no_error(records):
     assert not errors, errors
     done = [r for r in records if r["section"] == "done"]
     assert len(done) == 1 and done[0]["errors"] == 0 and records[-1] is done[0]
+    assert done[0]["correctness_failed"] == [] and isinstance(done[0]["targets"], list)
 
 
 def test_correctness_covers_every_op_and_passes(records):
