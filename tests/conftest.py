@@ -18,6 +18,12 @@ settings.register_profile(
 settings.register_profile("dev", deadline=None, max_examples=200)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# Under pytest-xdist (examples/run.sh test): each worker gets its share of the cores, so N workers never run
+# N × cores threads (oversubscribed BLAS and OpenMP loops are several times slower than no parallelism at all).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 SHARED_TEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "web_bible.txt"
 
 

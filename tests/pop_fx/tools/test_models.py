@@ -1,4 +1,3 @@
-import os
 from pathlib import Path
 
 import pytest
@@ -54,7 +53,6 @@ def test_smollm2_reference_r0_is_dense_and_pop_agreement(smollm2):
         pytest.skip(f"{TEXT} is absent")
     model, tok = smollm2
     assert model.config.intermediate_size == 1536 and model.config.num_hidden_layers == 30
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
     ids = tok(TEXT.read_text(encoding="utf-8")[:40_000], return_tensors="pt").input_ids[0]
     prompt, cont, starts = 32, 16, (0, 2000, 6000)  # 3 windows of 32 prompt + 16 teacher-forced tokens
     windows = torch.stack([ids[s : s + prompt + cont] for s in starts])
