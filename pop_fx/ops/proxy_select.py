@@ -17,8 +17,13 @@ fuses the row gathers into its reduction loops, so no gathered copy of a weight 
 * ``pop::gather_in``    (gather_in.py) — exact gate/up rows of R (contiguous) and of the chosen candidates;
 * ``pop::decode_sel``   (decode_sel.py) — the down projection over R ∪ chosen.
 
-The copies themselves are made in ``pop_fx.lowbit``. On CUDA the row products run in ``rows_gemv``'s
-Triton kernel, which streams the gathered rows of the int8 copy (with their scales) without a copy.
+The copies themselves are made in ``pop_fx.lowbit``. On CUDA (int8 and int3 alike) the op's scores come from
+``proxy_kernels.proxy_scores_triton``: one fused Triton kernel reads the gate and up rows of each candidate from
+the proxy copy (gathered, no copy), reduces over d with fp32 accumulation, applies the row scales, the
+activation, the product and POP's score (a second small kernel finishes when K is split); the selection is
+``partition.rank_keys`` + ``torch.topk``, as ``candidate_topk``. The CPU body below is unchanged. The op has no
+``kernels`` argument (``pop::decode`` has one): its CUDA path has been a Triton kernel from the start, and the
+fused one replaces ``rows_gemv``'s there.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pop_fx.activations import activation
-from pop_fx.ops.rows_gemv import on_cuda, rows_gemv_triton
-from pop_fx.partition import candidate_topk
+from pop_fx.ops.proxy_kernels import proxy_scores_triton
+from pop_fx.ops.rows_gemv import on_cuda
+from pop_fx.partition import candidate_topk, rank_keys
 
 
 def _rows_dot(x2: Tensor, q: Tensor, s: Tensor, rows: Tensor) -> Tensor:
@@ -65,6 +71,11 @@ def proxy_activation(x2: Tensor, q: Tensor, s: Tensor, c_idx: Tensor, d_ff: int,
         h = h * _rows_dot(x2, q, s, c_idx + d_ff)
     return h
 
+def proxy_select_triton(x2: Tensor, q: Tensor, s: Tensor, c_idx: Tensor, wd_norm_c: Tensor, n_select: int, d_ff: int,
+                        act: int, launch=None) -> Tensor:
+    """The CUDA body: the fused scoring kernel's [n_C] scores, then ``candidate_topk``'s selection over them."""
+    scores = proxy_scores_triton(x2, q, s, c_idx, wd_norm_c, d_ff, act, launch=launch)
+    return torch.topk(rank_keys(scores), n_select, dim=-1, sorted=False).indices
 
 
 @torch.library.triton_op("pop::proxy_select", mutates_args=())
@@ -74,16 +85,10 @@ def proxy_select(x: Tensor, q: Tensor, s: Tensor, rc_idx: Tensor, wd_norm_c: Ten
     x2 = x.reshape(-1, x.shape[-1])
     both = q.shape[0] == 2 * d_ff
     c_idx = rc_idx[0, n_R:]
-    if not on_cuda(x) or q.dim() == 3:  # int3 bit planes: the torch body (Inductor generates the kernel)
-        h_c = proxy_activation(x2, q, s, c_idx, d_ff, act, both=both)
-    else:
-        rows = torch.cat([c_idx, c_idx + d_ff]) if both else c_idx
-        z = rows_gemv_triton(x2, q, rows, s, torch.float32, launch=torch.library.wrap_triton)
-        n_C = c_idx.numel()
-        h_c = activation(act)(z[:, :n_C])
-        if both:
-            h_c = h_c * z[:, n_C:]
+    if on_cuda(x):  # int8 rows or int3 bit planes: the fused scoring kernel, then candidate_topk's selection
+        return proxy_select_triton(x2, q, s, c_idx, wd_norm_c, n_select, d_ff, act, launch=torch.library.wrap_triton)
+    h_c = proxy_activation(x2, q, s, c_idx, d_ff, act, both=both)
     return candidate_topk(h_c, wd_norm_c, n_select)
 
 
-__all__ = ["proxy_activation", "proxy_select"]
+__all__ = ["proxy_activation", "proxy_select", "proxy_select_triton"]

@@ -1,7 +1,8 @@
 """Gathered row products ``x · w[rows]ᵀ (· s[rows])`` on CUDA: the Triton kernel shared by the proxy ops.
 
-``pop::proxy_select`` uses it for the int8 copy's candidate rows (with their scales), ``pop::gather_in`` for
-the exact gate/up rows of R and of the chosen candidates. One program per BLOCK_R gathered rows of one batch
+``pop::gather_in`` uses it for the exact gate/up rows of R and of the chosen candidates (``pop::proxy_select``
+used it for the int8 copy's candidate rows until its fused scoring kernel, ``proxy_kernels.py``, replaced it;
+the scaled int8 mode stays, tested, as the examples' baseline for that kernel). One program per BLOCK_R gathered rows of one batch
 row streams those rows, so no gathered copy of a weight is materialized. The torch references are the ops'
 CPU bodies; tests compare the two under ``TRITON_INTERPRET=1``.
 """

@@ -6,8 +6,10 @@ import sys
 import torch
 
 from pop_fx import partition as P
-from pop_fx.lowbit import quantize_rows
+from pop_fx.lowbit import pack_int3, quantize_rows, quantize_rows_int3
 from pop_fx.ops.decode import decode_reference, decode_triton
+from pop_fx.ops.proxy_kernels import proxy_scores_triton
+from pop_fx.ops.proxy_select import proxy_activation, proxy_select_triton
 from pop_fx.ops.rows_gemv import rows_gemv_triton
 from pop_fx.ops.splitk_gemv import gemv_triton, select_triton
 
@@ -58,4 +60,35 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         q, s = quantize_rows(w)
         record("rows_gemv_int8", dtype, [B, n, K, k], rows_gemv_triton(x, q, rows, s, torch.float32),
                x.double() @ (q.double() * s.double()[:, None])[rows].t())
+    # the fused proxy-scoring kernel (int8 rows and int3 bit planes) against proxy_activation + candidate_scores in
+    # float64 from the same inputs, and its selection against candidate_topk's. Shapes: K below one tile (one launch)
+    # and spanning several (split-K + the finishing kernel), K not a multiple of the tile, n_C odd, gate-only,
+    # batches 1, 3 and 17 (two batch blocks); every activation code.
+    for fmt in ("int8", "int3"):
+        for B, d, d_ff, n_C, both, act in [(1, 45, 40, 13, True, 0), (3, 300, 50, 17, True, 1),
+                                           (1, 600, 64, 31, False, 2), (17, 100, 40, 9, True, 3),
+                                           (3, 1100, 30, 7, True, 0)]:
+            g = torch.Generator().manual_seed(B * 100 + d)
+            w = torch.randn(2 * d_ff if both else d_ff, d, generator=g)
+            q, s = (quantize_rows_int3 if fmt == "int3" else quantize_rows)(w)
+            x = torch.randn(B, d, generator=g).to(dtype)
+            c = torch.randperm(d_ff, generator=g)[:n_C]
+            wn = torch.rand(n_C, generator=g) + 0.1
+            h64 = proxy_activation(x.double(), q, s.double(), c, d_ff, act, both)
+            record(f"proxy_{fmt}", dtype, [B, d, d_ff, n_C, both, act], proxy_scores_triton(x, q, s, c, wn, d_ff, act),
+                   P.candidate_scores(h64, wn.double()))
+        # ties: integer x and proxy values with unit scales, ReLU and unit norms make every score exact, with many
+        # equal ones: the set must be exactly candidate_topk's (ties by the lower position in C)
+        for B, d, d_ff, n_C, k in [(2, 70, 50, 40, 20), (1, 33, 21, 21, 5), (3, 260, 40, 33, 16)]:
+            g = torch.Generator().manual_seed(n_C * 3 + k)
+            vals = torch.randint(-3, 4, (2 * d_ff, d), generator=g, dtype=torch.int8)
+            q = pack_int3(vals) if fmt == "int3" else vals
+            s = torch.ones(2 * d_ff)
+            x = torch.randint(-1, 2, (B, d), generator=g).to(dtype)
+            c = torch.randperm(d_ff, generator=g)[:n_C]
+            wn = torch.ones(n_C)
+            want = P.candidate_topk(proxy_activation(x, q, s, c, d_ff, 3, True), wn, k).sort().values
+            got = proxy_select_triton(x, q, s, c, wn, k, d_ff, 3).sort().values
+            out.append(dict(kernel=f"proxy_select_{fmt}", dtype=str(dtype), shape=[B, d, d_ff, n_C, k],
+                            err=0.0 if torch.equal(got, want) else 1e9, scale=0.0, nan=False))
 json.dump(out, sys.stdout)

@@ -26,12 +26,42 @@ def cases():
 
 def test_every_kernel_and_dtype_ran(cases):
     assert {(c["kernel"], c["dtype"]) for c in cases} == {
-        (k, d) for k in ("gemv", "select", "decode", "rows_gemv", "rows_gemv_int8") for d in TOL}
+        (k, d) for k in ("gemv", "select", "decode", "rows_gemv", "rows_gemv_int8", "proxy_int8", "proxy_int3",
+                       "proxy_select_int8", "proxy_select_int3") for d in TOL}
 
 
 def test_kernels_match_reference(cases):
     bad = [c for c in cases if c["nan"] or c["err"] > TOL[c["dtype"]] * (1 + c["scale"])]
     assert not bad, bad
+
+
+def test_proxy_scores_are_fp32_accurate_whatever_the_input_dtype(cases):
+    # the proxy kernel's inputs are exact in every dtype (x as given, integer proxy values) and it writes fp32
+    # scores: only fp32 accumulation error remains, far below bf16's rounding
+    proxy = [c for c in cases if c["kernel"] in ("proxy_int8", "proxy_int3")]
+    assert len(proxy) == 30 and not [c for c in proxy if c["err"] > 1e-5 * (1 + c["scale"])]
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")
+def test_proxy_select_on_cuda_matches_its_cpu_body_int8_int3_gate_only():
+    import torch
+
+    from pop_fx.lowbit import quantize_rows, quantize_rows_int3
+    from pop_fx.ops.proxy_select import proxy_select
+
+    g = torch.Generator().manual_seed(1)
+    d, d_ff, n_R, n_C, k = 256, 96, 10, 61, 20
+    for quant in (quantize_rows, quantize_rows_int3):
+        for both in (True, False):
+            for B in (1, 3):
+                x = torch.randn(B, 1, d, generator=g).to(torch.bfloat16)
+                q, s = quant(torch.randn(2 * d_ff if both else d_ff, d, generator=g))
+                rc_idx = torch.randperm(d_ff, generator=g)[: n_R + n_C][None]
+                wn = torch.rand(1, n_C, generator=g) + 0.1
+                args = [x, q, s, rc_idx, wn]
+                want = proxy_select(*args, n_R, k, d_ff, 0).sort().values
+                got = proxy_select(*[t.cuda() for t in args], n_R, k, d_ff, 0).sort().values.cpu()
+                assert torch.equal(got, want), (quant.__name__, both, B)
 
 
 @pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")

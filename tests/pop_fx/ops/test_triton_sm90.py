@@ -76,3 +76,52 @@ def test_rows_gemv_compiles_for_sm90_without_spills(tmp_path):
     _, regs, spills = _compile(rows_gemv._rows_gemv_kernel, sig, {"HAS_SCALE": True, "BLOCK_R": 32, "BLOCK_K": 128},
                                ["x_ptr", "w_ptr", "s_ptr", "rows_ptr", "y_ptr", "stride_w"], tmp_path=tmp_path)
     assert spills == [0, 0] and regs <= 255
+
+
+def _proxy_sig(int3, dtype):
+    import torch
+
+    from pop_fx.ops import proxy_kernels as PK
+
+    sig = {"x_ptr": f"*{dtype}", "q_ptr": "*u8" if int3 else "*i8", "s_ptr": "*fp32", "c_ptr": "*i64",
+           "wn_ptr": "*fp32", "out_ptr": "*fp32", "B": "i32", "n_C": "i32", "D8" if int3 else "K": "i32",
+           "d_ff": "i32", "stride_xb": "i32", "stride_q": "i32"}
+    if int3:
+        sig["stride_p"] = "i32"
+    sig["k_per_split"] = "i32"
+    block, stages = PK.tiles_for(int3, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
+    sig.update({c: "constexpr" for c in ("ACT", "BOTH", "FUSED", "BLOCK_B", "BLOCK_C", "BLOCK_J" if int3 else "BLOCK_K",
+                                         "NUM_STAGES", "IEEE", "UPCAST")})
+    return PK, sig, block, stages
+
+
+@pytest.mark.parametrize("int3", [False, True], ids=["int8", "int3"])
+@pytest.mark.parametrize("dtype,fused,act", [("bf16", True, 0), ("bf16", False, 2), ("fp16", False, 1),
+                                             ("fp32", True, 3), ("fp32", False, 0)])
+def test_proxy_kernel_compiles_for_sm90_pipelined_without_spills(int3, dtype, fused, act, tmp_path):
+    PK, sig, block, stages = _proxy_sig(int3, dtype)  # the launcher's tile and stages for this format and dtype
+    cst = dict(ACT=act, BOTH=True, FUSED=fused, BLOCK_B=PK.BLOCK_B, BLOCK_C=PK.BLOCK_C, NUM_STAGES=stages,
+               IEEE=dtype == "fp32", UPCAST=False, **{"BLOCK_J" if int3 else "BLOCK_K": block})
+    # the proxy rows and planes are 16-byte aligned at model shapes (d a multiple of 128), as are x's rows
+    aligned = ["x_ptr", "q_ptr", "s_ptr", "c_ptr", "wn_ptr", "out_ptr", "stride_xb", "stride_q", "k_per_split"]
+    aligned += ["D8", "stride_p"] if int3 else ["K"]
+    kern = PK._proxy_int3_kernel if int3 else PK._proxy_int8_kernel
+    k, regs, spills = _compile(kern, sig, cst, aligned, tmp_path=tmp_path)
+    assert spills == [0, 0] and regs <= 255
+    ttgir = k.asm["ttgir"]
+    # the gate and up tiles (3 planes each for int3) and the x tiles stream through NUM_STAGES - 1 shared-memory
+    # buffers filled by async copies; the products run on the tensor cores (fp32 x as three bf16 parts)
+    n_loads = 7 if int3 else 3  # per K step: x (int3: 8 slices, one buffer) + gate + up (int3: 3 planes each)
+    assert ttgir.count("ttg.async_copy_global_to_local") >= n_loads and "ttg.async_wait" in ttgir
+    assert f"memdesc<{stages - 1}x{PK.BLOCK_C}x{block}xi8" in ttgir
+    assert "nvidia_mma" in ttgir
+
+
+def test_proxy_finish_kernel_compiles_for_sm90_without_spills(tmp_path):
+    from pop_fx.ops import proxy_kernels as PK
+
+    sig = {"part_ptr": "*fp32", "s_ptr": "*fp32", "c_ptr": "*i64", "wn_ptr": "*fp32", "out_ptr": "*fp32", "B": "i32",
+           "n_C": "i32", "d_ff": "i32", "SPLIT": "i32", "ACT": "constexpr", "BOTH": "constexpr", "BLOCK_F": "constexpr"}
+    _, regs, spills = _compile(PK._proxy_finish_kernel, sig, dict(ACT=1, BOTH=True, BLOCK_F=PK.BLOCK_F),
+                               ["part_ptr", "s_ptr", "c_ptr", "wn_ptr", "out_ptr"], tmp_path=tmp_path)
+    assert spills == [0, 0] and regs <= 255
