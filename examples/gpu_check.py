@@ -16,7 +16,8 @@ Sections, in order:
 * ``copy``         — measured device-to-device copy bandwidth (bytes read + written per second): the ceiling the
                      kernels' GB/s are compared with.
 * ``correctness``  — every decode op of ``pop_fx.ops`` (decode, decode_seq, proxy_select, gather_in, decode_sel,
-                     experts_decode) and the Triton kernels themselves (split-K GEMV, select, rows GEMV), with
+                     experts_decode) and the Triton kernels themselves (split-K GEMV, select, rows GEMV, the fused
+                     proxy-scoring kernel on int8 rows and int3 bit planes with its launch plan), with
                      kernels=triton and kernels=torch, at the 1B shape (d 2048, d_ff 5632) and a 7B shape (d 4096,
                      d_ff 14336), bf16, batch 1 and 8, against a float64 reference (``pass`` per record).
 * ``cuda_tests``   — the test suite's CUDA-only tests (``pytest -k cuda``, if pytest is installed there).
@@ -24,7 +25,8 @@ Sections, in order:
                      so that launch overhead is excluded), each call on the next of several weight sets that
                      together exceed L2 three times (no L2 hits), beside dense cuBLAS ``F.linear`` over all d_ff
                      channels and a contiguous GEMV over exactly n_keep channels (the best POP could do); achieved
-                     GB/s and the fraction of the copy ceiling.
+                     GB/s and the fraction of the copy ceiling. The proxy op (int8 and int3, γ 0.1 and a 0.6 band)
+                     beside rows_gemv's gathered GEMV of the same rows (its former CUDA body).
 * ``stack``        — an 8-layer 1B-shaped FFN stack (``pop_fx.tools.bench.FFNStack``), one decode step: dense
                      Inductor vs POP (r=0.5, γ=0.1, kernels "auto"), batch 1 and 8, without and with CUDA graphs
                      (``mode="reduce-overhead"``), then POP with kernels="triton" while the budget lasts; the
@@ -153,10 +155,12 @@ LOG = Log(os.path.join(OUT_DIR, "gpu_check.jsonl"))
 try:  # the library: a failure here is still a record
     import pop_fx  # noqa: F401  (registers the pop:: ops)
     from pop_fx import partition as P
-    from pop_fx.lowbit import quantize_rows
+    from pop_fx.lowbit import quantize_rows, quantize_rows_int3, unpack_int3
     from pop_fx.ops import layout
     from pop_fx.ops.decode import candidate_mask, decode_reference, decode_triton
     from pop_fx.ops.decode_seq import decode_seq_reference, keep_indices
+    from pop_fx.ops.proxy_kernels import proxy_grid, proxy_scores_triton
+    from pop_fx.ops.proxy_select import proxy_select_triton
     from pop_fx.ops.rows_gemv import rows_gemv_triton
     from pop_fx.ops.splitk_gemv import gemv_triton, select_triton, split_for
 except Exception as _exc:  # noqa: BLE001
@@ -288,7 +292,8 @@ def make_problem(d, f, B, seed=0):
     h_rc = torch.randn(B, 1, n_rc, generator=g, device=dev).to(DTYPE)
     h_full = torch.randn(B, 1, f, generator=g, device=dev).to(DTYPE)
     q, s = quantize_rows(torch.cat([gate, up]))
-    return dict(d=d, f=f, B=B, sizes=sizes, n_R=n_R, n_C=n_C, n_sel=n_sel, n_rc=n_rc, gate=gate, up=up, wd=wd,
+    q3, s3 = quantize_rows_int3(torch.cat([gate, up]))
+    return dict(q3=q3, s3=s3, d=d, f=f, B=B, sizes=sizes, n_R=n_R, n_C=n_C, n_sel=n_sel, n_rc=n_rc, gate=gate, up=up, wd=wd,
                 wd_norm=wd_norm, rc_idx=rc_idx, wd_norm_c=wd_norm_c, w_in=w_in, b_in=b_in, wd_rc=wd_rc,
                 seq_rc=seq_rc, x=x, h_rc=h_rc, h_full=h_full, q=q, s=s)
 
@@ -409,6 +414,24 @@ def check_shape(shape_name, d, f, B):
     if sel is not None:
         guarded(sect, lambda: _same_set("pop::proxy_select", shape, B, kern_proxy, sel, sel_ref, px_scores),
                 name="pop::proxy_select", shape=shape, batch=B)
+    # the fused proxy-scoring kernel (proxy_kernels.py: the op's CUDA body) on the int8 rows and the int3 bit planes:
+    # its fp32 scores against float64 ones from the same proxy values, and the op's selection against float64's
+    for fmt, q_, s_ in (("int8", pb["q"], pb["s"]), ("int3", pb["q3"], pb["s3"])):
+        vals = (unpack_int3(q_, d) if q_.dim() == 3 else q_).double() * s_.double()[:, None]
+        z64 = x2.double() @ vals[c_rows].t()
+        sc64 = torch.linalg.vector_norm(F.silu(z64[:, :n_C]) * z64[:, n_C:], dim=0) * wn_c.double()
+        guarded(sect, lambda q_=q_, s_=s_, fmt=fmt, sc64=sc64: _close(
+            f"proxy_scores_triton {fmt}", shape, B, "triton", proxy_scores_triton(x2, q_, s_, c_idx, wn_c, f, 0), sc64,
+            TOL[torch.float32], plan=proxy_grid(n_C, B, d, fmt == "int3", sms=sm_count())),
+            name=f"proxy_scores_triton {fmt}", shape=shape, batch=B)
+
+        def px_sel(q_=q_, s_=s_):  # the op's CUDA body (on the CPU: that body itself, under the interpreter)
+            if on_gpu:
+                return ops.proxy_select(pb["x"], q_, s_, pb["rc_idx"], pb["wd_norm_c"], n_R, n_sel, f, 0)
+            return proxy_select_triton(x2, q_, s_, c_idx, wn_c, n_sel, f, 0)
+        guarded(sect, lambda px_sel=px_sel, fmt=fmt, sc64=sc64: _same_set(
+            f"pop::proxy_select {fmt}", shape, B, "triton", px_sel(), P.top_k(sc64, n_sel), sc64),
+            name=f"pop::proxy_select {fmt}", shape=shape, batch=B)
     sel = sel_ref  # the next ops' reference and input: the float64 ranking's choice
     kept = layout.kept_rows(sel, n_R, pb["n_rc"], 2)
     guarded(sect, lambda: _close("pop::gather_in", shape, B, kern_proxy,
@@ -557,6 +580,15 @@ def time_shape(shape_name, d, f, B):
     h_rc, h_full, h_keep, x = rn(B, 1, n_rc), rn(B, 1, f), rn(B, n_keep), rn(B, 1, d)
     rows_c = torch.cat([rc_idx[0, n_R:], rc_idx[0, n_R:] + f])
     sel = torch.randperm(n_C, generator=g, device=dev)[:n_sel]
+    d8 = -(-d // 8)
+    int8_set = lambda i: (torch.randint(-127, 128, (2 * f, d), generator=g, device=dev, dtype=torch.int8),  # noqa: E731
+                          torch.rand(2 * f, generator=g, device=dev) * 0.01)
+    int3_set = lambda i: (torch.randint(0, 256, (2 * f, 3, d8), generator=g, device=dev, dtype=torch.uint8),  # noqa: E731
+                          torch.rand(2 * f, generator=g, device=dev) * 0.01)
+    s6 = P.partition_sizes(f, R, 0.6)
+    rc6 = torch.randperm(f, generator=g, device=dev)[: s6.n_R + s6.n_C].sort().values[None]
+    wn6 = torch.rand(1, s6.n_C, generator=g, device=dev) + 0.1
+    rows6 = torch.cat([rc6[0, s6.n_R:], rc6[0, s6.n_R:] + f])
     base = dict(shape=shape_name, d=d, d_ff=f, batch=B, n_keep=n_keep, n_R=n_R, n_C=n_C, n_select=n_sel)
     dense_bytes, keep_bytes = d * f * e, d * n_keep * e
     items = [
@@ -596,6 +628,17 @@ def time_shape(shape_name, d, f, B):
          lambda i: (torch.randint(-127, 128, (2 * f, d), generator=g, device=dev, dtype=torch.int8),
                     torch.rand(2 * f, generator=g, device=dev) * 0.01),
          lambda q, s: rows_gemv_triton(x.reshape(B, d), q, rows_c, s, torch.float32)),
+        ("proxy_scores_triton int8 (C band)", 2 * f * d, 2 * n_C * d, int8_set,
+         lambda q, s: proxy_scores_triton(x.reshape(B, d), q, s, rc_idx[0, n_R:], wn_c, f, 0)),
+        ("pop::proxy_select int3", 2 * f * 3 * d8, 2 * n_C * 3 * d8, int3_set,
+         lambda q, s: ops.proxy_select(x, q, s, rc_idx[:1], wn_c, n_R, n_sel, f, 0)),
+        # a wide band (γ = 0.6): the fused kernel against rows_gemv's gathered GEMV of the same rows
+        ("pop::proxy_select int8 γ0.6", 2 * f * d, 2 * s6.n_C * d, int8_set,
+         lambda q, s: ops.proxy_select(x, q, s, rc6, wn6, s6.n_R, s6.n_select, f, 0)),
+        ("rows_gemv_triton int8 (C band γ0.6)", 2 * f * d, 2 * s6.n_C * d, int8_set,
+         lambda q, s: rows_gemv_triton(x.reshape(B, d), q, rows6, s, torch.float32)),
+        ("pop::proxy_select int3 γ0.6", 2 * f * 3 * d8, 2 * s6.n_C * 3 * d8, int3_set,
+         lambda q, s: ops.proxy_select(x, q, s, rc6, wn6, s6.n_R, s6.n_select, f, 0)),
         ("pop::gather_in", 2 * d * n_rc * e, 2 * keep_bytes, lambda i: (rn(2 * n_rc, d),),
          lambda w: ops.gather_in(x, w, None, sel, n_R, n_rc, 2)),
         ("pop::decode_sel", d * n_pad * e, d * n_rc * e, lambda i: (rn(d, n_pad),),
