@@ -125,3 +125,42 @@ def test_proxy_finish_kernel_compiles_for_sm90_without_spills(tmp_path):
     _, regs, spills = _compile(PK._proxy_finish_kernel, sig, dict(ACT=1, BOTH=True, BLOCK_F=PK.BLOCK_F),
                                ["part_ptr", "s_ptr", "c_ptr", "wn_ptr", "out_ptr"], tmp_path=tmp_path)
     assert spills == [0, 0] and regs <= 255
+
+
+def test_inductor_sees_the_proxy_kernels_write_only_their_output():
+    """Inside ``pop::proxy_select`` Inductor analyses each wrapped kernel's TTIR for the tensors it writes; a kernel
+    it cannot analyse counts as writing every argument (the proxy copy included). The stores sit in nested jit
+    functions (the epilogue): the analysis must still find out_ptr alone. TTIR for sm_90, no GPU needed."""
+    import torch
+
+    wrap = pytest.importorskip("torch._higher_order_ops.triton_kernel_wrap")
+    if not hasattr(wrap, "identify_accessed_tensors"):
+        pytest.skip("this torch has no identify_accessed_tensors")
+    from pop_fx.ops import proxy_kernels as PK
+
+    class _Sm90:  # generate_ttir asks the active driver for its target; this machine has none
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    x, s, c, wn = torch.randn(1, 2048, dtype=torch.bfloat16), torch.rand(200), torch.arange(50), torch.rand(50)
+    part = torch.empty(8, 2, 1, 50)
+    common = dict(x_ptr=x, s_ptr=s, c_ptr=c, wn_ptr=wn, out_ptr=part, B=1, n_C=50, d_ff=100, stride_xb=2048,
+                  stride_q=2048, k_per_split=256, ACT=0, BOTH=True, BLOCK_B=16, BLOCK_C=32, NUM_STAGES=4,
+                  IEEE=False, UPCAST=False)
+    cases = [(PK._proxy_int8_kernel, dict(q_ptr=torch.zeros(200, 2048, dtype=torch.int8), K=2048, BLOCK_K=256)),
+             (PK._proxy_int3_kernel, dict(q_ptr=torch.zeros(200, 3, 256, dtype=torch.uint8), D8=256, stride_p=256,
+                                          BLOCK_J=32))]
+    drivers = triton.runtime.driver
+    before = drivers.__dict__.get("_active")
+    drivers.set_active(_Sm90())
+    try:
+        for kern, kw in cases:
+            for fused in (False, True):
+                acc = wrap.identify_accessed_tensors(kern, {**common, **kw, "FUSED": fused}, {})
+                assert sorted(d.name for d in acc.read_writes.writes) == ["out_ptr"], (kern, fused)
+        acc = wrap.identify_accessed_tensors(PK._proxy_finish_kernel, dict(
+            part_ptr=part, s_ptr=s, c_ptr=c, wn_ptr=wn, out_ptr=torch.empty(50), B=1, n_C=50, d_ff=100, SPLIT=8,
+            ACT=1, BOTH=True, BLOCK_F=256), {})
+        assert sorted(d.name for d in acc.read_writes.writes) == ["out_ptr"]
+    finally:  # (reset_active() would build the default driver, which needs a GPU)
+        drivers._active = before
