@@ -7,7 +7,8 @@ For each candidate channel c (position i in C) and each batch row b:
     h̃[b, i] = act(g̃) · ũ   (or act(g̃))
     score_i = ||h̃[:, i]||_2 · wd_norm_c[i]                  (``partition.candidate_scores``, scope="batch")
 
-and writes the [n_C] fp32 scores; the selection is then ``partition.rank_keys`` + ``torch.topk`` (exactly
+and writes the [n_C] fp32 scores, or (what the op uses) their ``partition.rank_keys`` as int64 — monotone fp32
+bits, ties by the lower position — so the selection is one ``torch.topk`` over them (exactly
 ``partition.candidate_topk``: POP_SPEC's tie-break by the lower index, NaN last). The torch reference is
 ``proxy_select.proxy_activation`` + ``candidate_topk`` (the op's CPU body); tests compare them under
 ``TRITON_INTERPRET=1`` and compile both kernels for sm_90 ahead of time (tests/pop_fx/ops/).
@@ -125,8 +126,20 @@ if triton is not None:
         return h
 
     @triton.jit
+    def _store_score(out_ptr, cs, cmask, score, n_C, KEYS: tl.constexpr):
+        if KEYS:  # partition.rank_keys: monotone fp32 bits (-0.0 as 0.0, NaN lowest), ties by the lower position
+            sc = score + 0.0
+            bits = sc.to(tl.int32, bitcast=True)
+            bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+            bits = tl.where(sc != sc, -2147483648, bits)
+            tl.store(out_ptr + cs, (bits.to(tl.int64) << 32) + (n_C - 1 - cs).to(tl.int64), mask=cmask)
+        else:
+            tl.store(out_ptr + cs, score, mask=cmask)
+
+    @triton.jit
     def _epilogue(acc_g, acc_u, s_ptr, c, cmask, wn_ptr, cs, out_ptr, pid_s, b0, B, n_C, d_ff,
-                  ACT: tl.constexpr, BOTH: tl.constexpr, FUSED: tl.constexpr, BLOCK_B: tl.constexpr):
+                  ACT: tl.constexpr, BOTH: tl.constexpr, FUSED: tl.constexpr, KEYS: tl.constexpr,
+                  BLOCK_B: tl.constexpr):
         bs = b0 + tl.arange(0, BLOCK_B)
         if FUSED:  # the whole K and the whole batch are here: scales, activation, product, score
             sg = tl.load(s_ptr + c, mask=cmask, other=0.0)
@@ -136,7 +149,7 @@ if triton is not None:
             h = _channel_h(acc_g, acc_u, sg[None, :], su[None, :], ACT, BOTH)
             h = tl.where(bs[:, None] < B, h, 0.0)
             score = tl.sqrt_rn(tl.sum(h * h, axis=0)) * tl.load(wn_ptr + cs, mask=cmask, other=0.0)
-            tl.store(out_ptr + cs, score, mask=cmask)
+            _store_score(out_ptr, cs, cmask, score, n_C, KEYS)
         else:  # fp32 partial sums [SPLIT, 1|2, B, n_C]
             m = (bs[:, None] < B) & cmask[None, :]
             rows = 2 if BOTH else 1
@@ -173,7 +186,7 @@ if triton is not None:
     @triton.jit
     def _proxy_int8_kernel(x_ptr, q_ptr, s_ptr, c_ptr, wn_ptr, out_ptr, B, n_C, K, d_ff, stride_xb, stride_q,
                            k_per_split, ACT: tl.constexpr, BOTH: tl.constexpr, FUSED: tl.constexpr,
-                           BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                           KEYS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                            NUM_STAGES: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         pid_c = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -200,7 +213,7 @@ if triton is not None:
                 u = tl.load(u_rows + ks[None, :], mask=wm, other=0, eviction_policy="evict_first")
                 acc_u += _dot(x, u, IEEE, UPCAST)
         _epilogue(acc_g, acc_u, s_ptr, c, cmask, wn_ptr, cs, out_ptr, pid_s, b0, B, n_C, d_ff,
-                  ACT, BOTH, FUSED, BLOCK_B)
+                  ACT, BOTH, FUSED, KEYS, BLOCK_B)
 
     @triton.jit
     def _planes_dot(x_ptr, xs, xmask, planes_ptr, wm, d8, IEEE: tl.constexpr, UPCAST: tl.constexpr):
@@ -219,7 +232,7 @@ if triton is not None:
     @triton.jit
     def _proxy_int3_kernel(x_ptr, q_ptr, s_ptr, c_ptr, wn_ptr, out_ptr, B, n_C, D8, d_ff, stride_xb, stride_q,
                            stride_p, k_per_split, ACT: tl.constexpr, BOTH: tl.constexpr, FUSED: tl.constexpr,
-                           BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr,
+                           KEYS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr,
                            NUM_STAGES: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         # q [n, 3, D8] uint8 with strides (stride_q, stride_p, 1); x [B, 8·D8] zero-padded
         pid_c = tl.program_id(0)
@@ -245,11 +258,11 @@ if triton is not None:
             if BOTH:
                 acc_u += _planes_dot(x_ptr, xs, xmask, u_rows + js[None, :], wm, stride_p, IEEE, UPCAST)
         _epilogue(acc_g, acc_u, s_ptr, c, cmask, wn_ptr, cs, out_ptr, pid_s, b0, B, n_C, d_ff,
-                  ACT, BOTH, FUSED, BLOCK_B)
+                  ACT, BOTH, FUSED, KEYS, BLOCK_B)
 
     @triton.jit
     def _proxy_finish_kernel(part_ptr, s_ptr, c_ptr, wn_ptr, out_ptr, B, n_C, d_ff, SPLIT,
-                             ACT: tl.constexpr, BOTH: tl.constexpr, BLOCK_F: tl.constexpr):
+                             ACT: tl.constexpr, BOTH: tl.constexpr, KEYS: tl.constexpr, BLOCK_F: tl.constexpr):
         cs = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
         cmask = cs < n_C
         c = tl.load(c_ptr + cs, mask=cmask, other=0)
@@ -270,22 +283,23 @@ if triton is not None:
             h = _channel_h(g, u, sg, su, ACT, BOTH)
             sq += h * h
         score = tl.sqrt_rn(sq) * tl.load(wn_ptr + cs, mask=cmask, other=0.0)
-        tl.store(out_ptr + cs, score, mask=cmask)
+        _store_score(out_ptr, cs, cmask, score, n_C, KEYS)
 
 
 def proxy_scores_triton(x2: Tensor, q: Tensor, s: Tensor, c_idx: Tensor, wd_norm_c: Tensor, d_ff: int, act: int,
-                        launch=None) -> Tensor:
+                        launch=None, keys: bool = False) -> Tensor:
     """[n_C] fp32 POP scores of the candidates ``c_idx`` from the proxy copy (int8 [n, d] or int3 [n, 3, D8]).
 
     ``partition.candidate_scores(proxy_activation(x2, q, s, c_idx, d_ff, act, both), wd_norm_c)`` in one or two
-    launches; ``launch`` wraps the kernels (``torch.library.wrap_triton`` inside the op).
+    launches; ``launch`` wraps the kernels (``torch.library.wrap_triton`` inside the op). ``keys=True``: the
+    scores' ``partition.rank_keys`` instead (int64, written by the same kernel), ready for ``torch.topk``.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
     both = q.shape[0] == 2 * d_ff
     B = x2.shape[0]
     n_C = c_idx.numel()
-    out = torch.empty(n_C, dtype=torch.float32, device=x2.device)
+    out = torch.empty(n_C, dtype=torch.int64 if keys else torch.float32, device=x2.device)
     if n_C == 0:
         return out
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -306,7 +320,7 @@ def proxy_scores_triton(x2: Tensor, q: Tensor, s: Tensor, c_idx: Tensor, wd_norm
     fused = split == 1 and n_bb == 1
     part = out if fused else torch.empty(split, 2 if both else 1, B, n_C, dtype=torch.float32, device=x2.device)
     ieee, upcast = x2.dtype == torch.float32, _INTERPRET
-    common = dict(ACT=act, BOTH=both, FUSED=fused, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, NUM_STAGES=stages,
+    common = dict(ACT=act, BOTH=both, FUSED=fused, KEYS=keys, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, NUM_STAGES=stages,
                   IEEE=ieee, UPCAST=upcast)
     wrap = launch if launch is not None else (lambda k: k)
     grid = (n_cb, split, n_bb)
@@ -318,7 +332,8 @@ def proxy_scores_triton(x2: Tensor, q: Tensor, s: Tensor, c_idx: Tensor, wd_norm
                                        q.stride(0), k_per_split, BLOCK_K=block_k, **common)
     if not fused:
         wrap(_proxy_finish_kernel)[(triton.cdiv(n_C, BLOCK_F),)](part, s, c_idx, wd_norm_c, out, B, n_C, d_ff,
-                                                                 split, ACT=act, BOTH=both, BLOCK_F=BLOCK_F)
+                                                                 split, ACT=act, BOTH=both, KEYS=keys,
+                                                                 BLOCK_F=BLOCK_F)
     return out
 
 

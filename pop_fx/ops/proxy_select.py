@@ -20,10 +20,10 @@ fuses the row gathers into its reduction loops, so no gathered copy of a weight 
 The copies themselves are made in ``pop_fx.lowbit``. On CUDA (int8 and int3 alike) the op's scores come from
 ``proxy_kernels.proxy_scores_triton``: one fused Triton kernel reads the gate and up rows of each candidate from
 the proxy copy (gathered, no copy), reduces over d with fp32 accumulation, applies the row scales, the
-activation, the product and POP's score (a second small kernel finishes when K is split); the selection is
-``partition.rank_keys`` + ``torch.topk``, as ``candidate_topk``. The CPU body below is unchanged. The op has no
-``kernels`` argument (``pop::decode`` has one): its CUDA path has been a Triton kernel from the start, and the
-fused one replaces ``rows_gemv``'s there.
+activation, the product and POP's score (a second small kernel finishes when K is split) and writes the scores'
+``partition.rank_keys``; the selection is ``torch.topk`` over them, as ``candidate_topk``. The CPU body below
+is unchanged. The op has no ``kernels`` argument (``pop::decode`` has one): its CUDA path has been a Triton
+kernel from the start, and the fused one replaces ``rows_gemv``'s there.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch import Tensor
 from pop_fx.activations import activation
 from pop_fx.ops.proxy_kernels import proxy_scores_triton
 from pop_fx.ops.rows_gemv import on_cuda
-from pop_fx.partition import candidate_topk, rank_keys
+from pop_fx.partition import candidate_topk
 
 
 def _rows_dot(x2: Tensor, q: Tensor, s: Tensor, rows: Tensor) -> Tensor:
@@ -73,9 +73,10 @@ def proxy_activation(x2: Tensor, q: Tensor, s: Tensor, c_idx: Tensor, d_ff: int,
 
 def proxy_select_triton(x2: Tensor, q: Tensor, s: Tensor, c_idx: Tensor, wd_norm_c: Tensor, n_select: int, d_ff: int,
                         act: int, launch=None) -> Tensor:
-    """The CUDA body: the fused scoring kernel's [n_C] scores, then ``candidate_topk``'s selection over them."""
-    scores = proxy_scores_triton(x2, q, s, c_idx, wd_norm_c, d_ff, act, launch=launch)
-    return torch.topk(rank_keys(scores), n_select, dim=-1, sorted=False).indices
+    """The CUDA body: the fused scoring kernel writes the [n_C] scores' ``rank_keys``, then ``candidate_topk``'s
+    ``torch.topk`` over them (the same set: POP_SPEC's tie-break)."""
+    keys = proxy_scores_triton(x2, q, s, c_idx, wd_norm_c, d_ff, act, launch=launch, keys=True)
+    return torch.topk(keys, n_select, dim=-1, sorted=False).indices
 
 
 @torch.library.triton_op("pop::proxy_select", mutates_args=())

@@ -75,8 +75,12 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             c = torch.randperm(d_ff, generator=g)[:n_C]
             wn = torch.rand(n_C, generator=g) + 0.1
             h64 = proxy_activation(x.double(), q, s.double(), c, d_ff, act, both)
-            record(f"proxy_{fmt}", dtype, [B, d, d_ff, n_C, both, act], proxy_scores_triton(x, q, s, c, wn, d_ff, act),
-                   P.candidate_scores(h64, wn.double()))
+            scores = proxy_scores_triton(x, q, s, c, wn, d_ff, act)
+            record(f"proxy_{fmt}", dtype, [B, d, d_ff, n_C, both, act], scores, P.candidate_scores(h64, wn.double()))
+            # the keys the op selects from: partition.rank_keys of those very scores, written by the kernel
+            same = torch.equal(proxy_scores_triton(x, q, s, c, wn, d_ff, act, keys=True), P.rank_keys(scores))
+            out.append(dict(kernel=f"proxy_select_{fmt}", dtype=str(dtype), shape=[B, d, d_ff, n_C, both, act],
+                            err=0.0 if same else 1e9, scale=0.0, nan=False))
         # ties: integer x and proxy values with unit scales, ReLU and unit norms make every score exact, with many
         # equal ones: the set must be exactly candidate_topk's (ties by the lower position in C)
         for B, d, d_ff, n_C, k in [(2, 70, 50, 40, 20), (1, 33, 21, 21, 5), (3, 260, 40, 33, 16)]:

@@ -90,7 +90,7 @@ def _proxy_sig(int3, dtype):
         sig["stride_p"] = "i32"
     sig["k_per_split"] = "i32"
     block, stages = PK.tiles_for(int3, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
-    sig.update({c: "constexpr" for c in ("ACT", "BOTH", "FUSED", "BLOCK_B", "BLOCK_C", "BLOCK_J" if int3 else "BLOCK_K",
+    sig.update({c: "constexpr" for c in ("ACT", "BOTH", "FUSED", "KEYS", "BLOCK_B", "BLOCK_C", "BLOCK_J" if int3 else "BLOCK_K",
                                          "NUM_STAGES", "IEEE", "UPCAST")})
     return PK, sig, block, stages
 
@@ -100,7 +100,7 @@ def _proxy_sig(int3, dtype):
                                              ("fp32", True, 3), ("fp32", False, 0)])
 def test_proxy_kernel_compiles_for_sm90_pipelined_without_spills(int3, dtype, fused, act, tmp_path):
     PK, sig, block, stages = _proxy_sig(int3, dtype)  # the launcher's tile and stages for this format and dtype
-    cst = dict(ACT=act, BOTH=True, FUSED=fused, BLOCK_B=PK.BLOCK_B, BLOCK_C=PK.BLOCK_C, NUM_STAGES=stages,
+    cst = dict(ACT=act, BOTH=True, FUSED=fused, KEYS=fused, BLOCK_B=PK.BLOCK_B, BLOCK_C=PK.BLOCK_C, NUM_STAGES=stages,
                IEEE=dtype == "fp32", UPCAST=False, **{"BLOCK_J" if int3 else "BLOCK_K": block})
     # the proxy rows and planes are 16-byte aligned at model shapes (d a multiple of 128), as are x's rows
     aligned = ["x_ptr", "q_ptr", "s_ptr", "c_ptr", "wn_ptr", "out_ptr", "stride_xb", "stride_q", "k_per_split"]
@@ -121,8 +121,9 @@ def test_proxy_finish_kernel_compiles_for_sm90_without_spills(tmp_path):
     from pop_fx.ops import proxy_kernels as PK
 
     sig = {"part_ptr": "*fp32", "s_ptr": "*fp32", "c_ptr": "*i64", "wn_ptr": "*fp32", "out_ptr": "*fp32", "B": "i32",
-           "n_C": "i32", "d_ff": "i32", "SPLIT": "i32", "ACT": "constexpr", "BOTH": "constexpr", "BLOCK_F": "constexpr"}
-    _, regs, spills = _compile(PK._proxy_finish_kernel, sig, dict(ACT=1, BOTH=True, BLOCK_F=PK.BLOCK_F),
+           "n_C": "i32", "d_ff": "i32", "SPLIT": "i32", "ACT": "constexpr", "BOTH": "constexpr", "KEYS": "constexpr",
+           "BLOCK_F": "constexpr"}
+    _, regs, spills = _compile(PK._proxy_finish_kernel, sig, dict(ACT=1, BOTH=True, KEYS=True, BLOCK_F=PK.BLOCK_F),
                                ["part_ptr", "s_ptr", "c_ptr", "wn_ptr", "out_ptr"], tmp_path=tmp_path)
     assert spills == [0, 0] and regs <= 255
 
@@ -145,7 +146,7 @@ def test_inductor_sees_the_proxy_kernels_write_only_their_output():
     x, s, c, wn = torch.randn(1, 2048, dtype=torch.bfloat16), torch.rand(200), torch.arange(50), torch.rand(50)
     part = torch.empty(8, 2, 1, 50)
     common = dict(x_ptr=x, s_ptr=s, c_ptr=c, wn_ptr=wn, out_ptr=part, B=1, n_C=50, d_ff=100, stride_xb=2048,
-                  stride_q=2048, k_per_split=256, ACT=0, BOTH=True, BLOCK_B=16, BLOCK_C=32, NUM_STAGES=4,
+                  stride_q=2048, k_per_split=256, ACT=0, BOTH=True, KEYS=True, BLOCK_B=16, BLOCK_C=32, NUM_STAGES=4,
                   IEEE=False, UPCAST=False)
     cases = [(PK._proxy_int8_kernel, dict(q_ptr=torch.zeros(200, 2048, dtype=torch.int8), K=2048, BLOCK_K=256)),
              (PK._proxy_int3_kernel, dict(q_ptr=torch.zeros(200, 3, 256, dtype=torch.uint8), D8=256, stride_p=256,
@@ -160,7 +161,7 @@ def test_inductor_sees_the_proxy_kernels_write_only_their_output():
                 assert sorted(d.name for d in acc.read_writes.writes) == ["out_ptr"], (kern, fused)
         acc = wrap.identify_accessed_tensors(PK._proxy_finish_kernel, dict(
             part_ptr=part, s_ptr=s, c_ptr=c, wn_ptr=wn, out_ptr=torch.empty(50), B=1, n_C=50, d_ff=100, SPLIT=8,
-            ACT=1, BOTH=True, BLOCK_F=256), {})
+            ACT=1, BOTH=True, KEYS=False, BLOCK_F=256), {})
         assert sorted(d.name for d in acc.read_writes.writes) == ["out_ptr"]
     finally:  # (reset_active() would build the default driver, which needs a GPU)
         drivers._active = before
