@@ -293,7 +293,8 @@ def make_problem(d, f, B, seed=0):
     h_full = torch.randn(B, 1, f, generator=g, device=dev).to(DTYPE)
     q, s = quantize_rows(torch.cat([gate, up]))
     q3, s3 = quantize_rows_int3(torch.cat([gate, up]))
-    return dict(q3=q3, s3=s3, d=d, f=f, B=B, sizes=sizes, n_R=n_R, n_C=n_C, n_sel=n_sel, n_rc=n_rc, gate=gate, up=up, wd=wd,
+    return dict(q3=q3, s3=s3,
+                d=d, f=f, B=B, sizes=sizes, n_R=n_R, n_C=n_C, n_sel=n_sel, n_rc=n_rc, gate=gate, up=up, wd=wd,
                 wd_norm=wd_norm, rc_idx=rc_idx, wd_norm_c=wd_norm_c, w_in=w_in, b_in=b_in, wd_rc=wd_rc,
                 seq_rc=seq_rc, x=x, h_rc=h_rc, h_full=h_full, q=q, s=s)
 
@@ -581,10 +582,15 @@ def time_shape(shape_name, d, f, B):
     rows_c = torch.cat([rc_idx[0, n_R:], rc_idx[0, n_R:] + f])
     sel = torch.randperm(n_C, generator=g, device=dev)[:n_sel]
     d8 = -(-d // 8)
-    int8_set = lambda i: (torch.randint(-127, 128, (2 * f, d), generator=g, device=dev, dtype=torch.int8),  # noqa: E731
-                          torch.rand(2 * f, generator=g, device=dev) * 0.01)
-    int3_set = lambda i: (torch.randint(0, 256, (2 * f, 3, d8), generator=g, device=dev, dtype=torch.uint8),  # noqa: E731
-                          torch.rand(2 * f, generator=g, device=dev) * 0.01)
+
+    def int8_set(i):
+        return (torch.randint(-127, 128, (2 * f, d), generator=g, device=dev, dtype=torch.int8),
+                torch.rand(2 * f, generator=g, device=dev) * 0.01)
+
+    def int3_set(i):  # random bit planes: every value in [-3, 3]
+        return (torch.randint(0, 256, (2 * f, 3, d8), generator=g, device=dev, dtype=torch.uint8),
+                torch.rand(2 * f, generator=g, device=dev) * 0.01)
+
     s6 = P.partition_sizes(f, R, 0.6)
     rc6 = torch.randperm(f, generator=g, device=dev)[: s6.n_R + s6.n_C].sort().values[None]
     wn6 = torch.rand(1, s6.n_C, generator=g, device=dev) + 0.1

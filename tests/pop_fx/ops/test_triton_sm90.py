@@ -90,8 +90,8 @@ def _proxy_sig(int3, dtype):
         sig["stride_p"] = "i32"
     sig["k_per_split"] = "i32"
     block, stages = PK.tiles_for(int3, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
-    sig.update({c: "constexpr" for c in ("ACT", "BOTH", "FUSED", "KEYS", "BLOCK_B", "BLOCK_C", "BLOCK_J" if int3 else "BLOCK_K",
-                                         "NUM_STAGES", "IEEE", "UPCAST")})
+    sig.update({c: "constexpr" for c in ("ACT", "BOTH", "FUSED", "KEYS", "BLOCK_B", "BLOCK_C",
+                                         "BLOCK_J" if int3 else "BLOCK_K", "NUM_STAGES", "IEEE", "UPCAST")})
     return PK, sig, block, stages
 
 
