@@ -49,7 +49,7 @@ shape   γ     n_C    format  grid (C blocks × SPLIT)      tiles  band bytes   
 ======  ====  =====  ======  ===========================  =====  ===========  ==============
 
 ptxas (sm_90a, 4 warps; tests/pop_fx/ops/test_triton_sm90.py): int8 bf16 168 registers (178 in the one-launch
-variant), 72 KB shared memory: 2–3 programs an SM; int3 bf16 167 registers, 56 KB; fp32 activations: int8 96–101
+variant), 72 KB shared memory: 2–3 programs an SM; int3 bf16 164–168 registers, 56 KB; fp32 activations: int8 96–101
 registers, 32 KB; int3 128 registers, 44 KB; no spills anywhere. The finishing kernel reads SPLIT·B·2·4 bytes a
 channel (36 KB at 1B γ0.1) in ⌈n_C / 256⌉ programs.
 """
@@ -216,11 +216,12 @@ if triton is not None:
                   ACT, BOTH, FUSED, KEYS, BLOCK_B)
 
     @triton.jit
-    def _planes_dot(x_ptr, xs, xmask, planes_ptr, wm, d8, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-        # planes_ptr [BLOCK_C, BLOCK_J] pointers to plane 0; xs [BLOCK_B, BLOCK_J] pointers to x[b, j]
+    def _planes_dot(xs, xmask, planes_ptr, wm, stride_p, d8, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        # planes_ptr [BLOCK_C, BLOCK_J] pointers to plane 0 (planes stride_p bytes apart); xs [BLOCK_B, BLOCK_J]
+        # pointers to x[b, j]. Bit i of byte j is element i·D8 + j: unpacked slice i meets x[:, i·D8 + j].
         p0 = tl.load(planes_ptr, mask=wm, other=0, eviction_policy="evict_first").to(tl.int32)
-        p1 = tl.load(planes_ptr + d8, mask=wm, other=0, eviction_policy="evict_first").to(tl.int32)
-        p2 = tl.load(planes_ptr + 2 * d8, mask=wm, other=0, eviction_policy="evict_first").to(tl.int32)
+        p1 = tl.load(planes_ptr + stride_p, mask=wm, other=0, eviction_policy="evict_first").to(tl.int32)
+        p2 = tl.load(planes_ptr + 2 * stride_p, mask=wm, other=0, eviction_policy="evict_first").to(tl.int32)
         acc = _dot(tl.load(xs, mask=xmask, other=0.0, eviction_policy="evict_last"),
                    (p0 & 1) + ((p1 & 1) << 1) + ((p2 & 1) << 2) - 3, IEEE, UPCAST)
         for i in tl.static_range(1, 8):
@@ -254,9 +255,9 @@ if triton is not None:
             wm = cmask[:, None] & jmask[None, :]
             xs = x_ptr + bs[:, None] * stride_xb + js[None, :]
             xmask = (bs[:, None] < B) & jmask[None, :]
-            acc_g += _planes_dot(x_ptr, xs, xmask, g_rows + js[None, :], wm, stride_p, IEEE, UPCAST)
+            acc_g += _planes_dot(xs, xmask, g_rows + js[None, :], wm, stride_p, D8, IEEE, UPCAST)
             if BOTH:
-                acc_u += _planes_dot(x_ptr, xs, xmask, u_rows + js[None, :], wm, stride_p, IEEE, UPCAST)
+                acc_u += _planes_dot(xs, xmask, u_rows + js[None, :], wm, stride_p, D8, IEEE, UPCAST)
         _epilogue(acc_g, acc_u, s_ptr, c, cmask, wn_ptr, cs, out_ptr, pid_s, b0, B, n_C, d_ff,
                   ACT, BOTH, FUSED, KEYS, BLOCK_B)
 
