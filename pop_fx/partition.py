@@ -114,11 +114,15 @@ def activation_norm(h: torch.Tensor, token_mask: torch.Tensor | None = None, per
     cannot poison a batch's partition.
     """
     hf = h.detach()
-    keep = ~torch.isnan(hf)
-    if token_mask is not None:
+    if token_mask is not None:  # where, not a multiply: it also drops whatever a padding row holds (NaN included)
         m = token_mask.to(device=hf.device, dtype=torch.bool)
-        keep = keep & m.reshape(*m.shape, *([1] * (hf.dim() - m.dim())))
-    hf = torch.where(keep, hf, torch.zeros((), dtype=hf.dtype, device=hf.device))
+        hf = torch.where(m.reshape(*m.shape, *([1] * (hf.dim() - m.dim()))), hf,
+                         torch.zeros((), dtype=hf.dtype, device=hf.device))
+        hf.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))  # the copy where made: NaN -> 0 in place
+    else:
+        hf = torch.nan_to_num(hf, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+    # Two passes over H (three with a mask), each one op: a prefill of L tokens reads H once per pass, and the
+    # prefill's time to first token pays for every one of them (isnan/not/and/where/norm were five).
     if per_sequence:
         if hf.dim() < 2:
             raise ValueError(f"per-sequence importance needs [B, L, d_ff] activations, got {tuple(h.shape)}")

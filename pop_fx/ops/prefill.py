@@ -25,6 +25,12 @@ def _down(h: Tensor, wd: Tensor, bd: Tensor | None, flags: int) -> Tensor:
     return torch.nn.functional.linear(h, wd, bd)
 
 
+GATHER_MIN_TOKENS = 64
+"""From this many prefill tokens on, the pruned prefill gathers the kept channels of H and of Wd and projects
+them (cheaper than masking H, whose pass grows with the tokens); below it, the copy of Wd's kept columns would
+cost more than the mask."""
+
+
 def _d_out(wd: Tensor, flags: int) -> int:
     return wd.shape[1] if flags & CONV1D else wd.shape[0]
 
@@ -70,6 +76,11 @@ def prefill(
     if not pruned_prefill:
         return _down(h, wd, bd, flags)
     keep = P.keep_set(scores, sizes)
+    if not per_sequence and h.numel() // d_ff >= GATHER_MIN_TOKENS:
+        # One kept set for the batch: project only the n_keep kept channels (a narrower matmul, ~(1 - r) of the
+        # down projection's FLOPs) instead of multiplying H by a 0/1 mask and projecting every channel.
+        wd_kept = wd.index_select(0 if flags & CONV1D else 1, keep)
+        return _down(h.index_select(-1, keep), wd_kept, bd, flags)
     mask = torch.zeros(scores.shape, dtype=h.dtype, device=h.device).scatter_(-1, keep, 1)
     if per_sequence:
         mask = mask.reshape(B, *([1] * (h.dim() - 2)), d_ff)

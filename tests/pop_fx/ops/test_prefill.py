@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pop_fx import partition as P
-from pop_fx.ops.prefill import prefill
+from pop_fx.ops.layout import CONV1D
+from pop_fx.ops.prefill import GATHER_MIN_TOKENS, prefill
 
 D, F, OUT = 8, 23, 6
 SIZES = P.partition_sizes(F, 0.5, 0.2)
@@ -76,3 +77,21 @@ def test_nan_in_one_row_does_not_poison_the_partition(where):
     got, y = _partition(h, mask)
     assert torch.equal(got, _partition(clean, mask)[0])
     assert not torch.isnan(y[1, :3]).any()
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("tokens", [GATHER_MIN_TOKENS - 1, GATHER_MIN_TOKENS + 5])
+def test_pruned_prefill_output_is_the_down_projection_of_the_kept_channels(tokens, conv1d):
+    # Below GATHER_MIN_TOKENS the op masks H; from it on it projects the gathered kept channels: both must be
+    # down(H · 1[keep]) with the batch's own kept set, for nn.Linear's [out, d_ff] and Conv1D's [d_ff, out] Wd.
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(2, tokens // 2 + 1, F, generator=g)
+    wd, w_a, w_b = (torch.randn(*s, generator=g) for s in ((OUT, F), (F, D), (F, D)))
+    bd = torch.randn(OUT, generator=g)
+    rc_idx, wd_norm_c, w_in, b_in, wd_rc = _state()
+    wd_op, w_a, w_b = ((w.t().contiguous() if conv1d else w) for w in (wd, w_a, w_b))  # Conv1D stores [in, out]
+    y = prefill(h, None, wd_op, bd, w_a, None, w_b, None, P.down_column_norm(wd), rc_idx, wd_norm_c, w_in, b_in, wd_rc,
+                SIZES.n_keep, SIZES.n_R, SIZES.n_C, CONV1D if conv1d else 0, False, True)
+    keep = P.keep_set(P.importance(h, P.down_column_norm(wd)), SIZES)
+    mask = torch.zeros(F, dtype=h.dtype).index_fill_(0, keep, 1)
+    torch.testing.assert_close(y, torch.nn.functional.linear(h * mask, wd, bd))
