@@ -17,31 +17,46 @@ import torch
 
 DEFAULT_PROMPTS = ("The capital of France is",)
 
-# From `pop-fx frontier --quick --lowering eager` on SmolLM2 (README "Choosing a setting"): the lowest
-# sparsity measured keeps perplexity 1.36x dense and next-token agreement 0.74 (its greedy text stays
-# fluent), where r=0.5 is 4.1x and 0.49 (its text loops). On that 2-core CPU it was not faster than dense.
-SENSIBLE = "0.2:0.1"
+# From `pop-fx frontier --quick` on SmolLM2 (README "Choosing a setting", Inductor, 2 threads): the fastest setting
+# within 1.25x dense perplexity is the int8-values method at r=0.5 (perplexity 1.22x, agreement 0.77, 1.13x dense
+# decode speed), where POP at r=0.5 is 4.1x and 0.48 (its text loops) and POP's lowest sparsity (0.2) was 1.36x
+# but no faster than dense.
+SENSIBLE = "0.5:2:int8-values"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", nargs="*", default=list(DEFAULT_PROMPTS), help="prompts (default: one built-in)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt (default %(default)s)")
-    parser.add_argument("--also", default=SENSIBLE, help="one more POP setting shown beside --sparsity, as r:γ "
+    parser.add_argument("--also", default=SENSIBLE, help="one more setting shown beside --sparsity, as r:γ or r:γ:candidate_proxy "
                         "(default %(default)s, sensible text on SmolLM2; 'none' to skip it)")
     parser.add_argument("--no-compile", action="store_true", help="run POP through the eager reference instead of backend='pop'")
 
 
 def parse_also(text: str, base):
-    """``"r:γ"`` (or ``"r"``: γ of ``base``) -> the extra PopConfig, or None for ``"none"``."""
+    """``"r:γ:proxy"``, ``"r:γ"`` or ``"r"`` (the rest from ``base``) -> the extra PopConfig, or None for ``"none"``."""
     if text is None or str(text).strip().lower() in ("", "none"):
         return None
-    r, _, g = str(text).partition(":")
+    parts = str(text).split(":")
     try:
-        return base.replace(sparsity=float(r), candidate_ratio=float(g) if g else base.candidate_ratio)
+        if len(parts) > 3:
+            raise ValueError
+        fields = dict(sparsity=float(parts[0]))
+        if len(parts) > 1 and parts[1]:
+            fields["candidate_ratio"] = float(parts[1])
+        if len(parts) > 2:
+            fields["candidate_proxy"] = parts[2] or None
+        return base.replace(**fields)
     except ValueError as e:
-        if "invalid" in str(e):
+        if "invalid" in str(e) or "out of range" in str(e):
             raise
-        raise ValueError(f"--also={text!r} is invalid: allowed r:γ (e.g. 0.2:0.1) or 'none'") from None
+        raise ValueError(f"--also={text!r} is invalid: allowed r:γ (e.g. 0.2:0.1), r:γ:candidate_proxy "
+                         f"(e.g. 0.5:2:int8-values) or 'none'") from None
+
+
+def setting_label(cfg) -> str:
+    """``r=0.5 γ=2 int8-values``: a setting as the demo prints it."""
+    proxy = f" {cfg.candidate_proxy}" if cfg.candidate_proxy else ""
+    return f"r={cfg.sparsity:g} γ={cfg.candidate_ratio:g}{proxy}"
 
 
 def _generate(model, tok, prompt: str, n: int, warmup: bool = False) -> tuple[torch.Tensor, float]:
@@ -79,7 +94,7 @@ def _compiled_runs(model, tok, prompts, n, configs, log=None):
         torch._dynamo.reset()
         pop_fx.compile(model, cfg)
         try:
-            with phase(f"compiling POP r={cfg.sparsity:g} γ={cfg.candidate_ratio:g} (backend='pop') and generating"):
+            with phase(f"compiling POP {setting_label(cfg)} (backend='pop') and generating"):
                 runs.append([_generate(model, tok, p, n, warmup=True) for p in prompts])
             report = pop_fx.report(model)
         finally:
@@ -105,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     configs = [c for c in (also, config) if c is not None]
     log = Phases()
     log(f"pop-fx demo: loading {args.model} (dense, then POP at " +
-        ", ".join(f"r={c.sparsity:g} γ={c.candidate_ratio:g}" for c in configs) + ")")
+        ", ".join(setting_label(c) for c in configs) + ")")
     from pop_fx.tools.agreement import next_token_agreement
     from pop_fx.tools.models import SMOLLM2_DIR, _cache_root, load_model
 
@@ -138,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
                 # Teacher-forced on the dense continuation, every step through POP's decode path.
                 agree = next_token_agreement(model, dense_ids[None, :-1], n_prompt, lambda: pop_context(model, cfg))
                 row["settings"].append(dict(
-                    sparsity=cfg.sparsity, candidate_ratio=cfg.candidate_ratio,
+                    sparsity=cfg.sparsity, candidate_ratio=cfg.candidate_ratio, candidate_proxy=cfg.candidate_proxy,
+                    label=setting_label(cfg),
                     text=tok.decode(pop_ids[n_prompt:], skip_special_tokens=True), tokens_per_s=pop_tps,
                     greedy_tokens_equal=(dense_ids[n_prompt:] == pop_ids[n_prompt:]).float().mean().item(),
                     agreement=agree))
@@ -157,13 +173,13 @@ def run(args: argparse.Namespace) -> int:
     if report is not None:
         print(f"POP sites: {report.counts()}")
     if also is not None:
-        print(f"r={also.sparsity:g} γ={also.candidate_ratio:g}: a setting whose text stays sensible on SmolLM2 "
+        print(f"{setting_label(also)}: a setting whose text stays sensible on SmolLM2 "
               f"(README 'Choosing a setting'; `pop-fx frontier` measures yours)")
     for r in rows:
         print(f"\nprompt: {r['prompt']!r}")
         print(f"  dense             [{r['dense_tokens_per_s']:5.1f} tok/s]: {r['dense']!r}")
         for s in r["settings"]:
-            name = f"POP r={s['sparsity']:g} γ={s['candidate_ratio']:g}"
+            name = f"POP {s['label']}"
             print(f"  {name:<17} [{s['tokens_per_s']:5.1f} tok/s, {s['tokens_per_s'] / r['dense_tokens_per_s']:.2f}x"
                   f" dense; agreement {s['agreement']:.2f}, greedy tokens equal {s['greedy_tokens_equal']:.2f}]:"
                   f" {s['text']!r}")

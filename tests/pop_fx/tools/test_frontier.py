@@ -173,12 +173,14 @@ def test_phases_beat_while_a_phase_runs():
 
 def test_demo_also_setting():
     from pop_fx import PopConfig
-    from pop_fx.tools.demo import parse_also
+    from pop_fx.tools.demo import SENSIBLE, parse_also
 
     base = PopConfig(sparsity=0.5, candidate_ratio=0.1)
     assert parse_also("0.2:0", base) == base.replace(sparsity=0.2, candidate_ratio=0.0)
     assert parse_also("0.3", base) == base.replace(sparsity=0.3)
     assert parse_also("none", base) is None
-    for bad in ("x:1", "1.5:0.1"):
+    assert parse_also("0.5:2:int8-values", base) == base.replace(candidate_ratio=2.0, candidate_proxy="int8-values")
+    assert parse_also(SENSIBLE, base).candidate_proxy == "int8-values"  # the frontier's pick (README)
+    for bad in ("x:1", "1.5:0.1", "0.5:2:int4", "0.5:2:int8:x"):
         with pytest.raises(ValueError):
             parse_also(bad, base)
