@@ -1,15 +1,20 @@
-"""``pop::ragged_decode_layout``: DECODE rows of a ragged step through their slot's own R ∪ C layout.
+"""DECODE rows of a ragged step through their slot's own R ∪ C layout (``layouts=True``).
 
     gu     = w_in[s] · x[t]                      # gate rows then up rows of R_s ∪ C_s, s = slot[t]
     h      = act(gu_gate) ⊙ gu_up
-    y[t]   = pop::decode's math on wd_rc[s]      # R plus the step's top candidates, one GEMV
+    y[t]   = wd_rc[s] · (h ⊙ [1_R, 1_{S_t}])     # R plus the row's own top candidates, one GEMV
 
 The option for a stated memory budget: every slot holds a compact copy of its R ∪ C rows
 (``(n_R + n_C) / d_ff`` of the FFN's bytes per slot), so a decode row reads only its slot's contiguous rows,
 the layout that made ``pop_fx.compile``'s decode fast on this CPU (DESIGN_NOTES: gathers per step cost more
-than dense). Rows that are not DECODE come back as zeros (the caller computes them dense). The body loops
-over the DECODE rows (a host read of ``slot``): one GEMV pair per row, which at concurrency N reads N
-layouts; README "Serving" measures when that beats one dense read of the shared weights.
+than dense).
+
+``ragged_decode_grouped`` is plain torch with fixed shapes and no host read, so the compiled decode step
+traces it: the rows are sorted by slot and each of the two projections is ONE grouped GEMV over the slots'
+layouts (``pop::grouped_gemv``: ``torch._grouped_mm`` on the CPU, the experts op's pair kernel on CUDA), and
+Inductor fuses the activation, the candidate scoring and the mask into its own kernels around them (as in
+``pop::decode``). Rows that are not DECODE come back as zeros (the caller computes them dense).
+``ragged_decode_layout_reference`` is the per-row loop it replaced (host reads), kept as the tests' oracle.
 """
 
 from __future__ import annotations
@@ -20,11 +25,46 @@ from torch import Tensor
 
 from pop_fx.activations import activation
 from pop_fx.ops.decode import decode_reference
+from pop_fx.ops.experts_decode import _offsets, grouped_gemv
+from pop_fx.partition import candidate_topk
 from pop_fx.serving.phases import DECODE
+
+
+@torch.library.custom_op("pop::grouped_gemv", mutates_args=())
+def grouped_gemv_op(x: Tensor, w: Tensor, group: Tensor, offs: Tensor) -> Tensor:
+    """y[t] = w[group[t]] @ x[t] for rows sorted by group (``offs``: each group's end): x [T, K], w [G, N, K]."""
+    return grouped_gemv(x, w, group, offs, kernels=1).contiguous()  # _grouped_mm may pad its rows
+
+
+@grouped_gemv_op.register_fake
+def _(x, w, group, offs):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+def ragged_decode_grouped(x: Tensor, slot: Tensor, phase: Tensor, w_in: Tensor, wd_rc: Tensor, wd_norm_c: Tensor,
+                          n_R: int, n_select: int, act: int) -> Tensor:
+    """x [T, d] -> [T, d_out]: each DECODE row through its slot's layout (module docstring), others 0."""
+    n_rc = w_in.shape[1] // 2
+    n_C = n_rc - n_R
+    order = torch.argsort(slot, stable=True)
+    s = slot.index_select(0, order)
+    offs = _offsets(s, w_in.shape[0])
+    gu = grouped_gemv_op(x.index_select(0, order), w_in, s, offs)
+    h = activation(act)(gu[:, :n_rc]) * gu[:, n_rc:]
+    if 0 < n_select < n_C:
+        h_c = h[:, n_R:]
+        sel = candidate_topk(h_c, wd_norm_c.index_select(0, s), n_select, per_sequence=True)
+        h = torch.cat([h[:, :n_R], h_c * torch.zeros_like(h_c).scatter_(1, sel, 1)], dim=-1)
+    elif n_select == 0:
+        h = torch.cat([h[:, :n_R], torch.zeros_like(h[:, n_R:])], dim=-1)
+    y = grouped_gemv_op(h, wd_rc[:, :, :n_rc], s, offs)  # the layout's rows are padded (layout.ROW_ALIGN)
+    y = y.index_select(0, torch.argsort(order))
+    return torch.where((phase == DECODE)[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
 
 
 def ragged_decode_layout_reference(x: Tensor, slot: Tensor, phase: Tensor, w_in: Tensor, wd_rc: Tensor,
                                    wd_norm_c: Tensor, n_R: int, n_select: int, act: int) -> Tensor:
+    """The per-row loop (host reads of ``slot`` and ``phase``): the oracle ``ragged_decode_grouped`` equals."""
     n_rc = w_in.shape[1] // 2
     fn = activation(act)
     y = x.new_zeros(x.shape[0], wd_rc.shape[1])
@@ -37,15 +77,4 @@ def ragged_decode_layout_reference(x: Tensor, slot: Tensor, phase: Tensor, w_in:
     return y
 
 
-@torch.library.custom_op("pop::ragged_decode_layout", mutates_args=())
-def ragged_decode_layout(x: Tensor, slot: Tensor, phase: Tensor, w_in: Tensor, wd_rc: Tensor, wd_norm_c: Tensor,
-                         n_R: int, n_select: int, act: int) -> Tensor:
-    return ragged_decode_layout_reference(x, slot, phase, w_in, wd_rc, wd_norm_c, n_R, n_select, act)
-
-
-@ragged_decode_layout.register_fake
-def _(x, slot, phase, w_in, wd_rc, wd_norm_c, n_R, n_select, act):
-    return x.new_empty(x.shape[0], wd_rc.shape[1])
-
-
-__all__ = ["ragged_decode_layout", "ragged_decode_layout_reference"]
+__all__ = ["grouped_gemv_op", "ragged_decode_grouped", "ragged_decode_layout_reference"]

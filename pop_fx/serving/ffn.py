@@ -32,7 +32,7 @@ from pop_fx.activations import ACTIVATIONS, activation
 from pop_fx.config import PopConfig
 from pop_fx.ops import layout
 from pop_fx.ops.ragged_decode import ragged_decode
-from pop_fx.ops.ragged_decode_layout import ragged_decode_layout
+from pop_fx.ops.ragged_decode_layout import ragged_decode_grouped
 from pop_fx.ops.ragged_prefill import fix_partitions, ragged_prefill
 from pop_fx.serving.phases import DECODE
 
@@ -162,8 +162,8 @@ class RaggedPopFFN(nn.Module):
         if x2.shape[0] != st.slot.shape[0]:
             raise ValueError(f"RaggedPopFFN: {x2.shape[0]} token rows but the step names {st.slot.shape[0]} slots")
         if self.layouts and not st.has_prefill:
-            y = ragged_decode_layout(x2, st.slot, st.phase, self.w_in, self.wd_rc, self.wd_norm_c, sz.n_R,
-                                     sz.n_select, self.act)
+            y = ragged_decode_grouped(x2, st.slot, st.phase, self.w_in, self.wd_rc, self.wd_norm_c, sz.n_R,
+                                      sz.n_select, self.act)
             if m.down_proj.bias is not None:
                 y = y + m.down_proj.bias
             return y.reshape(*shape[:-1], y.shape[-1])
