@@ -7,22 +7,27 @@ channel blocks behind a router that activates all of them with weight 1: the sam
 the dense model up to floating-point summation order. POP then partitions each expert on the
 prefill tokens routed to it (all of them here), so at sparsity r every expert keeps (1-r) of its
 own channels, where the dense-FFN POP picks (1-r)·d_ff channels anywhere in the FFN.
-The table gives decode-mode next-token agreement with the dense model
-(``pop_fx.tools.agreement.next_token_agreement``, teacher-forced windows of the World English Bible),
-computed with the eager reference (``pop_fx.reference.pruned``) on both models.
+The table gives decode-mode next-token agreement with the dense model (as
+``pop_fx.tools.agreement.next_token_agreement``) and decode-mode perplexity of the continuations
+(teacher-forced windows of the World English Bible: prefill the prompt, then one token per step through
+the cache), computed with the eager reference (``pop_fx.reference.pruned``) on both models.
+``--check-compiled N`` also compiles the split model with ``pop_fx.compile`` and checks N greedy tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from pop_fx import PopConfig
-from pop_fx.tools.agreement import decode_logits, next_token_agreement
+from pop_fx.tools.agreement import decode_logits
 from pop_fx.tools.models import load_model, split_into_experts
 from pop_fx.reference import pruned
 
@@ -46,20 +51,52 @@ def windows(tok, n: int, length: int, text: Path = TEXT) -> torch.Tensor:
     return torch.stack(out)
 
 
+def perplexity(logits: torch.Tensor, ids: torch.Tensor, prompt_len: int) -> float:
+    """exp(mean NLL) of the continuation tokens ``ids[:, prompt_len:]`` under decode-mode ``logits``."""
+    pred = logits[:, :-1]  # the last position predicts past the window
+    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), ids[:, prompt_len:].reshape(-1))
+    return math.exp(nll.item())
+
+
 def measure(dense, moe, ids: torch.Tensor, prompt_len: int, sparsities, candidate_ratio: float = 0.1) -> list[dict]:
-    """Agreement with the dense model's argmax of the dense-FFN POP and of the per-expert POP, per sparsity."""
-    dense_argmax = decode_logits(dense, ids, prompt_len).argmax(-1)
+    """Per sparsity, the dense-FFN POP and the per-expert POP: decode-mode next-token agreement with the dense
+    model's argmax, and decode-mode perplexity of the windows' continuations."""
+    dense_logits = decode_logits(dense, ids, prompt_len)
+    dense_argmax = dense_logits.argmax(-1)
     moe_logits = decode_logits(moe, ids, prompt_len)
-    rows = [{"r": "dense", "dense_ffn_pop": 1.0,
-             "moe_pop": (moe_logits.argmax(-1) == dense_argmax).float().mean().item()}]
+    rows = [{"r": "dense", "dense_ffn_pop": 1.0, "moe_pop": (moe_logits.argmax(-1) == dense_argmax).float().mean().item(),
+             "dense_ffn_ppl": perplexity(dense_logits, ids, prompt_len),
+             "moe_ppl": perplexity(moe_logits, ids, prompt_len)}]
     for r in sparsities:
         cfg = PopConfig(sparsity=r, candidate_ratio=candidate_ratio)
-        rows.append({
-            "r": r,
-            "dense_ffn_pop": next_token_agreement(dense, ids, prompt_len, lambda: pruned(dense, cfg), dense_argmax),
-            "moe_pop": next_token_agreement(moe, ids, prompt_len, lambda: pruned(moe, cfg), dense_argmax),
-        })
+        row = {"r": r}
+        for name, model in (("dense_ffn", dense), ("moe", moe)):
+            with pruned(model, cfg):
+                logits = decode_logits(model, ids, prompt_len)
+            key = "dense_ffn_pop" if name == "dense_ffn" else "moe_pop"
+            row[key] = (logits.argmax(-1) == dense_argmax).float().mean().item()
+            row[f"{name}_ppl"] = perplexity(logits, ids, prompt_len)
+        rows.append(row)
     return rows
+
+
+def check_compiled(moe, tok, sparsity: float, candidate_ratio: float, new_tokens: int) -> bool:
+    """``pop_fx.compile`` on the split model: greedy ``generate()`` tokens equal the eager reference's."""
+    import pop_fx
+
+    cfg = PopConfig(sparsity=sparsity, candidate_ratio=candidate_ratio)
+    ids = tok("In the beginning, God created the heavens and the earth. The earth was", return_tensors="pt").input_ids
+    kw = dict(max_new_tokens=new_tokens, do_sample=False)
+    with torch.no_grad(), pruned(moe, cfg):
+        want = moe.generate(ids, **kw)
+    compiled = pop_fx.compile(copy.deepcopy(moe), cfg)
+    with torch.no_grad():
+        got = compiled.generate(ids, **kw)
+    warnings = pop_fx.report(compiled).warnings
+    same = torch.equal(got, want)
+    print(f"compiled per-expert POP r={sparsity}: {new_tokens} greedy tokens equal the reference: {same}"
+          f" (report warnings: {warnings})")
+    return same
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--gen-len", type=int, default=64, help="teacher-forced decode steps per window")
+    parser.add_argument("--check-compiled", type=int, default=0, metavar="N",
+                        help="also compile the split model (pop_fx.compile, r = the last --sparsities value) and "
+                             "check N greedy generate() tokens against the eager reference")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     dense, tok = load_model("smollm2")
@@ -78,12 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(dense, moe, ids, args.prompt_len, [float(r) for r in args.sparsities.split(",")],
                    args.candidate_ratio)
     print(f"SmolLM2-135M, {args.experts} experts per FFN, {args.windows} windows of {args.prompt_len} + "
-          f"{args.gen_len} tokens, candidate_ratio {args.candidate_ratio}: next-token agreement with dense")
-    print(f"{'r':>6s} {'dense-FFN POP':>14s} {'per-expert POP':>15s}")
+          f"{args.gen_len} tokens, candidate_ratio {args.candidate_ratio}: agreement with dense, decode-mode perplexity")
+    print(f"{'r':>6s} {'dense-FFN POP':>14s} {'per-expert POP':>15s} {'ppl dense-FFN':>14s} {'ppl per-expert':>15s}")
     for row in rows:
-        print(f"{row['r']!s:>6s} {row['dense_ffn_pop']:14.4f} {row['moe_pop']:15.4f}")
+        print(f"{row['r']!s:>6s} {row['dense_ffn_pop']:14.4f} {row['moe_pop']:15.4f} {row['dense_ffn_ppl']:14.3f}"
+              f" {row['moe_ppl']:15.3f}")
+    ok = True
+    if args.check_compiled:
+        ok = check_compiled(moe, tok, float(args.sparsities.split(",")[-1]), args.candidate_ratio, args.check_compiled)
     print(f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -184,14 +184,16 @@ def experts_decode_pairs(hidden: Tensor, top_k_index: Tensor, top_k_weights: Ten
     slot = expert * G + group  # row of the pair's (expert, partition group) in the [E·G, ...] state
     if w_in.numel():  # scope="batch": the R ∪ C layouts, one contiguous block per expert
         gate, up = grouped_gemv(x, w_in, expert, offs, kernels).chunk(2, dim=-1)
-        h = act(gate) * up  # [P, n_rc]
+        # h straight into the down layout's padded width (its tail stays 0): no pad copy before the down GEMV
+        h_pad = torch.zeros(x.shape[0], wd_rc.shape[-1], dtype=gate.dtype, device=gate.device)
+        h = torch.mul(act(gate), up, out=h_pad[:, :n_rc])  # [P, n_rc], a view of h_pad
     else:  # scope="sequence": the whole expert, then the pair's own R ∪ C
         rc = rc_idx.reshape(E * G, n_rc).index_select(0, slot)  # [P, n_rc]
         z = grouped_gemv(x, gate_up, expert, offs, kernels)
         h = act(z.gather(1, rc)) * z.gather(1, rc + d_ff)
+    h_c = h[:, n_R:]  # the candidates, masked in place below (h is this step's own buffer)
     if 0 < n_select < n_C:
-        h_c = h[:, n_R:]
-        if per_sequence:  # one row per (sequence, expert): its own |h|
+        if per_sequence or B == 1:  # one pair per (expert, group): its own |h| (a token's k experts differ)
             scores = h_c.float().abs()
         else:  # POP_SPEC's batch scoring per expert: the L2 norm over the pairs routed to it
             # Sum over the pairs of the same expert as one [P, P] 0/1 product (P = B·k: tiny), not a scatter.
@@ -199,13 +201,11 @@ def experts_decode_pairs(hidden: Tensor, top_k_index: Tensor, top_k_weights: Ten
             scores = (same @ h_c.float().square()).sqrt()
         scores = scores * wd_norm_c.reshape(E * G, n_C).index_select(0, slot).float()
         sel = torch.topk(P.rank_keys(scores), n_select, dim=-1, sorted=False).indices
-        keep = torch.zeros_like(h_c).scatter_(1, sel, 1)
-        h = torch.cat([h[:, :n_R], h_c * keep], dim=-1)
+        h_c.mul_(torch.zeros_like(h_c).scatter_(1, sel, 1))
     elif n_select == 0:
-        h = torch.cat([h[:, :n_R], torch.zeros_like(h[:, n_R:])], dim=-1)
+        h_c.zero_()
     if w_in.numel():
-        n_pad = wd_rc.shape[-1]
-        y = grouped_gemv(F.pad(h, (0, n_pad - n_rc)), wd_rc, expert, offs, kernels)
+        y = grouped_gemv(h_pad, wd_rc, expert, offs, kernels)
     else:
         h_full = torch.zeros(h.shape[0], d_ff, dtype=h.dtype, device=h.device).scatter_(1, rc, h)
         y = grouped_gemv(h_full, down, expert, offs, kernels)

@@ -44,3 +44,29 @@ def test_split_model_equals_dense_and_pop_agreement(smollm2_moe):
     print(f"next-token agreement at r=0.5: dense-FFN POP {ffn_pop:.3f}, per-expert POP {moe_pop:.3f}")
     # Both prune half of every FFN's channels: they disagree with dense somewhere, and keep much of it.
     assert 0.2 < moe_pop < 1.0 and 0.2 < ffn_pop < 1.0
+
+
+def _example():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "moe_smollm2.py"
+    spec = importlib.util.spec_from_file_location("moe_smollm2_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_example_perplexity_is_exp_of_the_continuation_nll():
+    mod = _example()
+    V, prompt_len = 7, 3
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    # Uniform logits: every continuation token has probability 1/V, so the perplexity is V.
+    uniform = torch.zeros(1, ids.shape[1] - prompt_len + 1, V)
+    assert mod.perplexity(uniform, ids, prompt_len) == pytest.approx(V, rel=1e-6)
+    # Certain of every continuation token (position i predicts ids[prompt_len + i]); the last position is ignored.
+    sure = torch.full_like(uniform, -1e4)
+    for i, t in enumerate(ids[0, prompt_len:].tolist()):
+        sure[0, i, t] = 0.0
+    sure[0, -1, 0] = 0.0
+    assert mod.perplexity(sure, ids, prompt_len) == pytest.approx(1.0, abs=1e-6)
