@@ -31,7 +31,7 @@ from pop_fx import partition as P
 from pop_fx.activations import ACTIVATIONS, activation
 from pop_fx.config import PopConfig
 from pop_fx.ops import layout
-from pop_fx.ops.ragged_decode import ragged_decode
+from pop_fx.ops.ragged_decode import ragged_decode_reference
 from pop_fx.ops.ragged_decode_layout import ragged_decode_grouped
 from pop_fx.ops.ragged_prefill import fix_partitions, ragged_prefill
 from pop_fx.serving.phases import DECODE
@@ -48,10 +48,17 @@ class StepInfo:
     has_prefill: bool = False
     """some row is not DECODE (known on the host from the scheduler: decode-only steps skip the state write)"""
 
+    order: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    """[T] the rows sorted by slot (stable), once per step for every layer's grouped GEMVs (``layouts=True``)"""
+    inverse: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    """[T] the position of each row in ``order`` (back to the step's row order)"""
+
     def set(self, slot: Tensor, phase: Tensor, has_prefill: bool | None = None) -> "StepInfo":
         self.slot = slot.to(torch.long)
         self.phase = phase.to(torch.long)
         self.has_prefill = bool((phase != DECODE).any()) if has_prefill is None else has_prefill
+        self.order = torch.argsort(self.slot, stable=True)
+        self.inverse = torch.argsort(self.order)
         return self
 
 
@@ -163,7 +170,7 @@ class RaggedPopFFN(nn.Module):
             raise ValueError(f"RaggedPopFFN: {x2.shape[0]} token rows but the step names {st.slot.shape[0]} slots")
         if self.layouts and not st.has_prefill:
             y = ragged_decode_grouped(x2, st.slot, st.phase, self.w_in, self.wd_rc, self.wd_norm_c, sz.n_R,
-                                      sz.n_select, self.act)
+                                      sz.n_select, self.act, order=st.order, inverse=st.inverse)
             if m.down_proj.bias is not None:
                 y = y + m.down_proj.bias
             return y.reshape(*shape[:-1], y.shape[-1])
@@ -172,8 +179,9 @@ class RaggedPopFFN(nn.Module):
             ragged_prefill(h, st.slot, st.phase, self.wd_norm, self.sumsq, self.rc_idx, self.wd_norm_c,
                            m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, self.w_in, self.b_in,
                            self.wd_rc, sz.n_keep, sz.n_R, sz.n_C)
-        y = ragged_decode(h, st.slot, st.phase, m.down_proj.weight, m.down_proj.bias, self.wd_norm, self.rc_idx,
-                          sz.n_R, sz.n_select)
+        # plain torch (fixed shapes): the compiled step fuses the scoring and the mask around one GEMM
+        y = ragged_decode_reference(h, st.slot, st.phase, m.down_proj.weight, m.down_proj.bias, self.wd_norm,
+                                    self.rc_idx, sz.n_R, sz.n_select)
         return y.reshape(*shape[:-1], y.shape[-1])
 
 

@@ -191,3 +191,19 @@ def test_grouped_layout_decode_compiles_without_host_sync_and_equals_eager():
         torch._dynamo.reset()
         compiled = torch.compile(ragged_decode_grouped, fullgraph=True, backend="inductor")(*args)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layouts", [False, True])
+def test_compiled_decode_step_equals_eager(layouts):
+    """The decode step as an engine runs it, compiled by Inductor (the serving bench's variants), equals eager."""
+    mlp, f, step = _ffn(slots=4, layouts=layouts)
+    for s in range(4):
+        _run(f, step, torch.randn(3 + s, 12), [s] * (3 + s), [LAST] * (3 + s))
+    x = torch.randn(3, 12)
+    eager = _run(f, step, x, [3, 0, 3], [DECODE] * 3)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="inductor", fullgraph=True)
+    step.set(torch.tensor([3, 0, 3]), torch.full((3,), DECODE), has_prefill=False)
+    with torch.no_grad():
+        got = compiled(x)
+    torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
