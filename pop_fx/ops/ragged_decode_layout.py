@@ -25,34 +25,9 @@ from torch import Tensor
 
 from pop_fx.activations import activation
 from pop_fx.ops.decode import decode_reference
-from pop_fx.ops.experts_decode import _offsets, grouped_gemv
+from pop_fx.ops.experts_decode import _offsets, grouped_gemv_op
 from pop_fx.partition import candidate_topk
 from pop_fx.serving.phases import DECODE
-
-
-# ``pop::grouped_gemv`` is defined with ``torch.library.Library`` and a backend kernel, not ``custom_op``: the
-# op runs twice per layer per decode step, and custom_op's Python wrapper cost 21 µs a call against 10 µs here
-# (measured, a [1, 576] x [2, 64, 576] call). No autograd formula: a decode step runs under no_grad.
-_LIB = torch.library.Library("pop", "FRAGMENT")
-_LIB.define("grouped_gemv(Tensor x, Tensor w, Tensor group, Tensor offs) -> Tensor")
-
-
-def grouped_gemv_op(x: Tensor, w: Tensor, group: Tensor, offs: Tensor) -> Tensor:
-    """y[t] = w[group[t]] @ x[t] for rows sorted by group (``offs``: each group's end): x [T, K], w [G, N, K]."""
-    return torch.ops.pop.grouped_gemv(x, w, group, offs)
-
-
-def _grouped_gemv_kernel(x: Tensor, w: Tensor, group: Tensor, offs: Tensor) -> Tensor:
-    return grouped_gemv(x, w, group, offs, kernels=1).contiguous()  # _grouped_mm may pad its rows
-
-
-_LIB.impl("grouped_gemv", _grouped_gemv_kernel, "CPU")
-_LIB.impl("grouped_gemv", _grouped_gemv_kernel, "CUDA")
-
-
-@torch.library.register_fake("pop::grouped_gemv")
-def _(x, w, group, offs):
-    return x.new_empty(x.shape[0], w.shape[1])
 
 
 def ragged_decode_grouped(x: Tensor, slot: Tensor, phase: Tensor, w_in: Tensor, wd_rc: Tensor, wd_norm_c: Tensor,
@@ -99,4 +74,4 @@ def ragged_decode_layout_reference(x: Tensor, slot: Tensor, phase: Tensor, w_in:
     return y
 
 
-__all__ = ["grouped_gemv_op", "ragged_decode_grouped", "ragged_decode_layout_reference"]
+__all__ = ["ragged_decode_grouped", "ragged_decode_layout_reference"]
