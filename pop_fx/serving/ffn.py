@@ -31,7 +31,7 @@ from pop_fx import partition as P
 from pop_fx.activations import ACTIVATIONS, activation
 from pop_fx.config import PopConfig
 from pop_fx.ops import layout
-from pop_fx.ops.ragged_decode import ragged_decode_reference
+from pop_fx.ops.ragged_decode import ragged_decode
 from pop_fx.ops.ragged_decode_layout import ragged_decode_grouped
 from pop_fx.ops.ragged_prefill import fix_partitions, ragged_prefill
 from pop_fx.serving.phases import DECODE
@@ -180,8 +180,8 @@ class RaggedPopFFN(nn.Module):
                            m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, self.w_in, self.b_in,
                            self.wd_rc, sz.n_keep, sz.n_R, sz.n_C)
         # plain torch (fixed shapes): the compiled step fuses the scoring and the mask around one GEMM
-        y = ragged_decode_reference(h, st.slot, st.phase, m.down_proj.weight, m.down_proj.bias, self.wd_norm,
-                                    self.rc_idx, sz.n_R, sz.n_select)
+        y = ragged_decode(h, st.slot, st.phase, m.down_proj.weight, m.down_proj.bias, self.wd_norm, self.rc_idx,
+                          sz.n_R, sz.n_select)
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
