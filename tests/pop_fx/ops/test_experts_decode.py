@@ -86,6 +86,31 @@ def test_the_op_has_no_host_sync(case, empty_dense):
         experts_decode_loop(*args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("empty_dense", [False, True])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]], ids=["batch", "batch1", "sequence"])
+def test_inductor_traces_the_op_and_equals_it_eager(case, empty_dense, dtype):
+    """The op is a triton_op: Inductor compiles its body (routing, scoring, top-k, mask, combine) into its own
+    kernels around the two ``pop::grouped_gemv`` calls. That compiled body equals the op run eagerly, in each
+    dtype with its own tolerance."""
+    x, idx, w, (gate_up, down, rc_idx, wd_norm_c, dense, w_in, wd_rc, z) = _inputs(case)
+    dense = torch.zeros_like(dense)
+    if empty_dense:
+        dense[::3] = True
+    c = lambda t: t.to(dtype)  # noqa: E731
+    args = (c(x), idx, c(w), c(gate_up), c(down), rc_idx, wd_norm_c, dense, c(w_in), c(wd_rc), z.n_R, z.n_select,
+            "silu", case[7], empty_dense)
+    with torch.no_grad():
+        want = torch.ops.pop.experts_decode(*args)
+        torch._dynamo.reset()
+        got = torch.compile(lambda *a: torch.ops.pop.experts_decode(*a), backend="inductor", fullgraph=True)(*args)
+    # bf16: torch.testing's bf16 rtol (eager rounds every op to bf16, Inductor's fused kernels once; over 48
+    # seeds x cases the worst gap was 0.0086 of the output's scale)
+    tol = 1e-5 if dtype == torch.float32 else 2.0 ** -6
+    assert got.dtype == dtype
+    assert (got.float() - want.float()).abs().max().item() <= tol * (1 + want.float().abs().max().item())
+
+
 _INTERPRET_SCRIPT = textwrap.dedent("""
     import torch
     from pop_fx.ops.experts_decode import pair_gemv_reference, pair_gemv_triton
