@@ -59,6 +59,21 @@ def setting_label(cfg) -> str:
     return f"r={cfg.sparsity:g} γ={cfg.candidate_ratio:g}{proxy}"
 
 
+def format_rows(rows: list[dict]) -> list[str]:
+    """The demo's per-prompt lines: dense, then each setting, names padded to the longest so the brackets align."""
+    width = max([len("dense")] + [len(f"POP {s['label']}") for r in rows for s in r["settings"]])
+    lines = []
+    for r in rows:
+        lines += ["", f"prompt: {r['prompt']!r}",
+                  f"  {'dense':<{width}} [{r['dense_tokens_per_s']:5.1f} tok/s]: {r['dense']!r}"]
+        for s in r["settings"]:
+            name = f"POP {s['label']}"
+            lines.append(f"  {name:<{width}} [{s['tokens_per_s']:5.1f} tok/s, "
+                         f"{s['tokens_per_s'] / r['dense_tokens_per_s']:.2f}x dense; agreement {s['agreement']:.2f}, "
+                         f"greedy tokens equal {s['greedy_tokens_equal']:.2f}]: {s['text']!r}")
+    return lines
+
+
 def _generate(model, tok, prompt: str, n: int, warmup: bool = False) -> tuple[torch.Tensor, float]:
     """(ids, decode tokens/s): the rate between the first and the last new token (prefill excluded, as in
     ``pop-fx bench``; POP's prefill also builds its layouts)."""
@@ -175,14 +190,8 @@ def run(args: argparse.Namespace) -> int:
     if also is not None:
         print(f"{setting_label(also)}: a setting whose text stays sensible on SmolLM2 "
               f"(README 'Choosing a setting'; `pop-fx frontier` measures yours)")
-    for r in rows:
-        print(f"\nprompt: {r['prompt']!r}")
-        print(f"  dense             [{r['dense_tokens_per_s']:5.1f} tok/s]: {r['dense']!r}")
-        for s in r["settings"]:
-            name = f"POP {s['label']}"
-            print(f"  {name:<17} [{s['tokens_per_s']:5.1f} tok/s, {s['tokens_per_s'] / r['dense_tokens_per_s']:.2f}x"
-                  f" dense; agreement {s['agreement']:.2f}, greedy tokens equal {s['greedy_tokens_equal']:.2f}]:"
-                  f" {s['text']!r}")
+    for line in format_rows(rows):
+        print(line)
     print("\ntok/s: decode tokens/s between the first and last new token (prefill excluded; compiled: one run after a "
           "warm-up);"
           "\nagreement: next-token agreement with dense, teacher-forced on dense's continuation, decode mode")

@@ -37,3 +37,16 @@ def test_demo_rate_is_decode_tokens_per_second():
     tok = lambda text, return_tensors=None: types.SimpleNamespace(input_ids=torch.tensor([[5, 6, 7, 8]]))  # noqa: E731
     ids, rate = _generate(tiny_model("llama"), tok, "x", 4)
     assert ids.shape == (8,) and rate > 0 and rate == rate
+
+
+def test_demo_lines_align_every_setting_label():
+    from pop_fx.tools.demo import format_rows
+
+    setting = lambda label, tps: dict(label=label, tokens_per_s=tps, agreement=0.5, greedy_tokens_equal=0.25,  # noqa: E731
+                                      text=" x")
+    rows = [dict(prompt="p", dense_tokens_per_s=20.0, dense=" d",
+                 settings=[setting("r=0.5 γ=0.1", 25.0), setting("r=0.5 γ=2 int8-values", 24.0)])]
+    lines = [line for line in format_rows(rows) if line.startswith("  ")]
+    assert len(lines) == 3
+    assert len({line.index("[") for line in lines}) == 1  # one column for every bracket
+    assert "1.25x dense" in lines[1] and "1.20x dense" in lines[2]
