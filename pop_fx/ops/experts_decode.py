@@ -194,6 +194,38 @@ def _dense_pairs(x: Tensor, expert: Tensor, is_dense: Tensor, gate_up: Tensor, d
     return y.index_select(0, torch.argsort(order))
 
 
+def keep_top_candidates(h_c: Tensor, wd_norm_rows: Tensor, n_select: int, same_group: Tensor | None = None) -> None:
+    """Zero, in place, every candidate of ``h_c`` [P, n_C] but each row's top ``n_select`` by |h| · ||Wd[:, j]||
+    (``wd_norm_rows`` [P, n_C]); with ``same_group`` [P], |h| is the L2 norm over the rows of the same group
+    (POP_SPEC's batch scoring, as one [P, P] 0/1 product: P is tiny). Ties as ``partition.rank_keys``."""
+    if n_select == 0:
+        h_c.zero_()
+        return
+    if n_select >= h_c.shape[-1]:
+        return
+    hf = h_c.float()
+    if same_group is None:
+        scores = hf.abs()
+    else:
+        scores = ((same_group[:, None] == same_group[None, :]).float() @ hf.square()).sqrt()
+    sel = torch.topk(P.rank_keys(scores * wd_norm_rows.float()), n_select, dim=-1, sorted=False).indices
+    h_c.mul_(torch.zeros_like(h_c).scatter_(1, sel, 1))
+
+
+def layout_decode_grouped(x: Tensor, w_in: Tensor, wd_rc: Tensor, group: Tensor, offs: Tensor, wd_norm_rows: Tensor,
+                          n_R: int, n_select: int, act, same_group: Tensor | None = None, kernels: int = 1) -> Tensor:
+    """Rows sorted by group, each through its group's R ∪ C layout (``w_in`` [G, 2·n_rc, K], ``wd_rc``
+    [G, d_out, padded n_rc]): one grouped GEMV for gate/up, the candidates masked, one for down -> [P, d_out].
+    The experts decode (groups = experts) and the serving layouts (groups = request slots) share it."""
+    n_rc = w_in.shape[1] // 2
+    gate, up = grouped_gemv_op(x, w_in, group, offs, kernels).chunk(2, dim=-1)
+    h = act(gate) * up  # [P, n_rc]: R then C
+    keep_top_candidates(h[:, n_R:], wd_norm_rows, n_select, same_group)
+    # padded to the layout's row stride (layout.ROW_ALIGN): aligned rows keep the CPU on _grouped_mm (an unaligned
+    # n_rc, e.g. SmolLM2's 845, sent every call to the fallback's weight gather)
+    return grouped_gemv_op(F.pad(h, (0, wd_rc.shape[-1] - n_rc)), wd_rc, group, offs, kernels)
+
+
 def experts_decode_pairs(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up: Tensor, down: Tensor,
                          rc_idx: Tensor, wd_norm_c: Tensor, dense: Tensor, w_in: Tensor, wd_rc: Tensor, n_R: int,
                          n_select: int, activation: str, per_sequence: bool, empty_dense: bool = False,
@@ -209,31 +241,17 @@ def experts_decode_pairs(hidden: Tensor, top_k_index: Tensor, top_k_weights: Ten
     group = token if per_sequence else torch.zeros_like(token)
     G = rc_idx.shape[1]
     slot = expert * G + group  # row of the pair's (expert, partition group) in the [E·G, ...] state
+    # POP_SPEC's batch scoring per expert (the L2 norm over the pairs routed to it) unless each (expert, group)
+    # has one pair: per sequence, or at batch 1 (a token's k experts differ)
+    same_group = None if per_sequence or B == 1 else expert
+    wd_rows = wd_norm_c.reshape(E * G, n_C).index_select(0, slot)
     if w_in.numel():  # scope="batch": the R ∪ C layouts, one contiguous block per expert
-        gate, up = grouped_gemv_op(x, w_in, expert, offs, kernels).chunk(2, dim=-1)
-        # h straight into the down layout's padded width (its tail stays 0): no pad copy before the down GEMV
-        h_pad = torch.zeros(x.shape[0], wd_rc.shape[-1], dtype=gate.dtype, device=gate.device)
-        h = torch.mul(act(gate), up, out=h_pad[:, :n_rc])  # [P, n_rc], a view of h_pad
+        y = layout_decode_grouped(x, w_in, wd_rc, expert, offs, wd_rows, n_R, n_select, act, same_group, kernels)
     else:  # scope="sequence": the whole expert, then the pair's own R ∪ C
         rc = rc_idx.reshape(E * G, n_rc).index_select(0, slot)  # [P, n_rc]
         z = grouped_gemv_op(x, gate_up, expert, offs, kernels)
         h = act(z.gather(1, rc)) * z.gather(1, rc + d_ff)
-    h_c = h[:, n_R:]  # the candidates, masked in place below (h is this step's own buffer)
-    if 0 < n_select < n_C:
-        if per_sequence or B == 1:  # one pair per (expert, group): its own |h| (a token's k experts differ)
-            scores = h_c.float().abs()
-        else:  # POP_SPEC's batch scoring per expert: the L2 norm over the pairs routed to it
-            # Sum over the pairs of the same expert as one [P, P] 0/1 product (P = B·k: tiny), not a scatter.
-            same = (expert[:, None] == expert[None, :]).float()
-            scores = (same @ h_c.float().square()).sqrt()
-        scores = scores * wd_norm_c.reshape(E * G, n_C).index_select(0, slot).float()
-        sel = torch.topk(P.rank_keys(scores), n_select, dim=-1, sorted=False).indices
-        h_c.mul_(torch.zeros_like(h_c).scatter_(1, sel, 1))
-    elif n_select == 0:
-        h_c.zero_()
-    if w_in.numel():
-        y = grouped_gemv_op(h_pad, wd_rc, expert, offs, kernels)
-    else:
+        keep_top_candidates(h[:, n_R:], wd_rows, n_select, same_group)
         h_full = torch.zeros(h.shape[0], d_ff, dtype=h.dtype, device=h.device).scatter_(1, rc, h)
         y = grouped_gemv_op(h_full, down, expert, offs, kernels)
     if empty_dense:
@@ -318,5 +336,6 @@ def experts_decode_loop(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tens
     return final
 
 
-__all__ = ["experts_decode", "experts_decode_loop", "experts_decode_pairs", "grouped_gemv", "pair_gemv_reference",
-           "pair_gemv_triton", "route_pairs", "combine"]
+__all__ = ["experts_decode", "experts_decode_loop", "experts_decode_pairs", "grouped_gemv", "grouped_gemv_op",
+           "keep_top_candidates", "layout_decode_grouped", "pair_gemv_reference", "pair_gemv_triton", "route_pairs",
+           "combine"]

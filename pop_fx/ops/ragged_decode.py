@@ -7,8 +7,9 @@
 Fixed shapes only (a gather of ``rc_idx[slot]``, a top-k, a scatter, one GEMM), so it can sit in a
 CUDA-graph-captured decode batch; plain torch, so the compiled step fuses the scoring and the mask around the
 GEMM (as an opaque custom op its ~12 eager ops cost ~0.3 ms per layer-step on SmolLM2, measured). No per-slot
-weight copies: the original weights are read (on a GPU a gathered-row kernel, like Punica's BGMV for multi-LoRA, would read only the union of the batch's kept rows;
-the torch body here computes the masked dense product, the reference's exact math). Each row's selection
+weight copies: the original weights are read (on a GPU a gathered-row kernel, like Punica's BGMV for multi-LoRA,
+would read only the union of the batch's kept rows; the torch body here computes the masked dense product, the
+reference's exact math). Each row's selection
 depends on its own h only, so requests cannot influence each other.
 """
 
@@ -30,8 +31,8 @@ def keep_mask(h: Tensor, slot: Tensor, phase: Tensor, wd_norm: Tensor, rc_idx: T
     return torch.where((phase == DECODE)[:, None], mask, torch.ones((), dtype=h.dtype, device=h.device))
 
 
-def ragged_decode(h: Tensor, slot: Tensor, phase: Tensor, wd: Tensor, bd: Tensor | None,
-                            wd_norm: Tensor, rc_idx: Tensor, n_R: int, n_select: int) -> Tensor:
+def ragged_decode(h: Tensor, slot: Tensor, phase: Tensor, wd: Tensor, bd: Tensor | None, wd_norm: Tensor,
+                  rc_idx: Tensor, n_R: int, n_select: int) -> Tensor:
     return F.linear(h * keep_mask(h, slot, phase, wd_norm, rc_idx, n_R, n_select), wd, bd)
 
 

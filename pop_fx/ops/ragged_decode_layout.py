@@ -25,8 +25,7 @@ from torch import Tensor
 
 from pop_fx.activations import activation
 from pop_fx.ops.decode import decode_reference
-from pop_fx.ops.experts_decode import _offsets, grouped_gemv_op
-from pop_fx.partition import candidate_topk
+from pop_fx.ops.experts_decode import _offsets, layout_decode_grouped
 from pop_fx.serving.phases import DECODE
 
 
@@ -37,24 +36,12 @@ def ragged_decode_grouped(x: Tensor, slot: Tensor, phase: Tensor, w_in: Tensor, 
 
     ``order`` (the rows sorted by slot, stable) and ``inverse`` (its inverse permutation) are computed here
     unless given: ``StepInfo.set`` computes them once per step for every layer."""
-    n_rc = w_in.shape[1] // 2
-    n_C = n_rc - n_R
     if order is None or inverse is None:
         order = torch.argsort(slot, stable=True)
         inverse = torch.argsort(order)
     s = slot.index_select(0, order)
-    offs = _offsets(s, w_in.shape[0])
-    gu = grouped_gemv_op(x.index_select(0, order), w_in, s, offs)
-    h = activation(act)(gu[:, :n_rc]) * gu[:, n_rc:]
-    if 0 < n_select < n_C:
-        h_c = h[:, n_R:]
-        sel = candidate_topk(h_c, wd_norm_c.index_select(0, s), n_select, per_sequence=True)
-        h = torch.cat([h[:, :n_R], h_c * torch.zeros_like(h_c).scatter_(1, sel, 1)], dim=-1)
-    elif n_select == 0:
-        h = torch.cat([h[:, :n_R], torch.zeros_like(h[:, n_R:])], dim=-1)
-    # h padded to the layout's row stride (layout.ROW_ALIGN): aligned rows keep the CPU on _grouped_mm (an
-    # unaligned n_rc, e.g. SmolLM2's 845, sent every step to the fallback's per-step weight gather)
-    y = grouped_gemv_op(F.pad(h, (0, wd_rc.shape[-1] - n_rc)), wd_rc, s, offs)
+    y = layout_decode_grouped(x.index_select(0, order), w_in, wd_rc, s, _offsets(s, w_in.shape[0]),
+                              wd_norm_c.index_select(0, s), n_R, n_select, activation(act))
     y = y.index_select(0, inverse)
     return torch.where((phase == DECODE)[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
 
