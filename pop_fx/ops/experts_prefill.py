@@ -18,7 +18,8 @@ scope="batch", max_batch_size under scope="sequence":
 Prefill with fixed shapes and no host sync, like decode (``experts_decode.py``): the T·k (token, expert)
 pairs sorted by expert, one grouped GEMM for gate/up over the experts' whole weights, per-(expert, group)
 importance by an ``index_add`` of the squared activations of valid (non-padding) rows, every expert's R/C/P
-split in one batched sort, the layouts written by two ``gather``s over all experts, and one grouped GEMM for
+split in one batched sort, the layouts written by one row and one column gather over all experts
+(``layout.gather_rows`` / ``gather_columns``), and one grouped GEMM for
 the down projection. An expert that got no valid prefill token keeps the weight-norm partition
 (``weight_scores``, computed once per weights), or is marked dense. ``experts_prefill_loop`` is the loop
 over experts it replaced, with the eager reference's math (``pop_fx.reference``), kept for the tests: the
@@ -36,7 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary  # tensors compare elementwise:
 from pop_fx import partition as P
 from pop_fx.activations import activation as activation_fn
 from pop_fx.ops.experts_decode import combine, grouped_gemv, route_pairs
-from pop_fx.ops.layout import write_expert_partition
+from pop_fx.ops.layout import gather_columns, gather_rows, write_expert_partition
 
 
 def _groups(hidden: Tensor, batch: int, attention_mask: Tensor | None, per_sequence: bool):
@@ -106,8 +107,8 @@ def experts_prefill_pairs(hidden, top_k_index, top_k_weights, gate_up, down, att
     if w_in.numel():  # scope="batch": one group, each expert's R ∪ C laid out contiguously for decode
         n_rc = rc.shape[-1]
         rows_in = torch.cat([rc[:, 0], rc[:, 0] + d_ff], dim=-1)  # [E, 2·n_rc]
-        w_in.copy_(torch.gather(gate_up, 1, rows_in[:, :, None].expand(E, 2 * n_rc, H)))
-        wd_rc[:, :, :n_rc].copy_(torch.gather(down, 2, rc[:, 0][:, None, :].expand(E, H, n_rc)))
+        gather_rows(gate_up, rows_in, w_in)
+        gather_columns(down, rc[:, 0], wd_rc[:, :, :n_rc])
     if pruned_prefill:
         keep = torch.zeros(E * G, d_ff, dtype=torch.bool, device=h.device)
         keep.scatter_(1, P.keep_set(scores, sizes), True)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from pop_fx import partition as P
-from pop_fx.ops.layout import CONV1D, write_partition
+from pop_fx.ops.layout import CONV1D, gather_columns, write_partition
 
 
 def _down(h: Tensor, wd: Tensor, bd: Tensor | None, flags: int) -> Tensor:
@@ -79,7 +79,11 @@ def prefill(
     if not per_sequence and h.numel() // d_ff >= GATHER_MIN_TOKENS:
         # One kept set for the batch: project only the n_keep kept channels (a narrower matmul, ~(1 - r) of the
         # down projection's FLOPs) instead of multiplying H by a 0/1 mask and projecting every channel.
-        wd_kept = wd.index_select(0 if flags & CONV1D else 1, keep)
+        if flags & CONV1D:
+            wd_kept = wd.index_select(0, keep)
+        else:
+            wd_kept = wd.new_empty(wd.shape[0], keep.numel())
+            gather_columns(wd, keep, wd_kept)
         return _down(h.index_select(-1, keep), wd_kept, bd, flags)
     mask = torch.zeros(scores.shape, dtype=h.dtype, device=h.device).scatter_(-1, keep, 1)
     if per_sequence:

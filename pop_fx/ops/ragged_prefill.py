@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from pop_fx import partition as P
-from pop_fx.ops.layout import write_in_layout
+from pop_fx.ops.layout import gather_columns, write_in_layout
 from pop_fx.serving.phases import LAST, PREFILL
 
 
@@ -49,7 +49,7 @@ def fix_partitions(slots: Tensor, sumsq: Tensor, wd_norm: Tensor, rc_idx: Tensor
         d_ff = wd.shape[1]
         for i, s in enumerate(slots.tolist()):
             write_in_layout(rc[i], d_ff, w_gate, None, w_up, None, 0, w_in[s], b_in[s])
-            torch.index_select(wd, 1, rc[i], out=wd_rc[s, :, : rc.shape[-1]])
+            gather_columns(wd, rc[i], wd_rc[s, :, : rc.shape[-1]])
 
 
 @torch.library.custom_op("pop::ragged_prefill", mutates_args=("sumsq", "rc_idx", "wd_norm_c", "w_in", "b_in", "wd_rc"))
