@@ -194,6 +194,32 @@ def _dense_pairs(x: Tensor, expert: Tensor, is_dense: Tensor, gate_up: Tensor, d
     return y.index_select(0, torch.argsort(order))
 
 
+def _reads_in_place(x: Tensor, distinct: bool) -> bool:
+    """Whether the GEMVs over ``x``'s pairs run as ``bmm(w[group], x)`` (see ``pairs_gemv``)."""
+    return distinct and x.device.type == "cpu" and torch.compiler.is_compiling()
+
+
+def pairs_gemv(x: Tensor, w: Tensor, group: Tensor, offs: Tensor, kernels: int, distinct: bool) -> Tensor:
+    """``grouped_gemv_op``, except where every pair names its own group (``distinct``: one token's k experts)
+    on the CPU under Inductor: there ``bmm(w[group], x)`` is one generated C++ kernel that reads each pair's
+    block in place (no copy), at about twice ``_grouped_mm``'s bandwidth for M = 1 (OLMoE's gate/up, 8 pairs:
+    2.5 vs 6.0 ms in bf16, 5.5 vs 9.9 ms in fp32). Run eagerly, that bmm would copy the blocks first, so the
+    eager op keeps ``grouped_gemv``. With repeated groups (batch > 1) the grouped GEMM reads each block once."""
+    if _reads_in_place(x, distinct):
+        return torch.bmm(w[group], x.unsqueeze(-1)).squeeze(-1)
+    return grouped_gemv_op(x, w, group, offs, kernels)
+
+
+def _top_candidates(h_c: Tensor, wd_norm_rows: Tensor, n_select: int, same_group: Tensor | None) -> Tensor:
+    """[P, n_select] positions in C of each row's top candidates by |h| · ||Wd[:, j]|| (``keep_top_candidates``)."""
+    hf = h_c.float()
+    if same_group is None:
+        scores = hf.abs()
+    else:
+        scores = ((same_group[:, None] == same_group[None, :]).float() @ hf.square()).sqrt()
+    return torch.topk(P.rank_keys(scores * wd_norm_rows.float()), n_select, dim=-1, sorted=False).indices
+
+
 def keep_top_candidates(h_c: Tensor, wd_norm_rows: Tensor, n_select: int, same_group: Tensor | None = None) -> None:
     """Zero, in place, every candidate of ``h_c`` [P, n_C] but each row's top ``n_select`` by |h| · ||Wd[:, j]||
     (``wd_norm_rows`` [P, n_C]); with ``same_group`` [P], |h| is the L2 norm over the rows of the same group
@@ -203,23 +229,38 @@ def keep_top_candidates(h_c: Tensor, wd_norm_rows: Tensor, n_select: int, same_g
         return
     if n_select >= h_c.shape[-1]:
         return
-    hf = h_c.float()
-    if same_group is None:
-        scores = hf.abs()
-    else:
-        scores = ((same_group[:, None] == same_group[None, :]).float() @ hf.square()).sqrt()
-    sel = torch.topk(P.rank_keys(scores * wd_norm_rows.float()), n_select, dim=-1, sorted=False).indices
+    sel = _top_candidates(h_c, wd_norm_rows, n_select, same_group)
     h_c.mul_(torch.zeros_like(h_c).scatter_(1, sel, 1))
 
 
+def keep_mask(h: Tensor, wd_norm_rows: Tensor, n_R: int, n_select: int, same_group: Tensor | None = None) -> Tensor:
+    """0/1 over R ∪ C ([P, n_R + n_C], h's dtype): R, and the candidates ``keep_top_candidates`` keeps."""
+    Pn, n_rc = h.shape
+    n_C = n_rc - n_R
+    if n_select >= n_C:
+        return torch.ones_like(h)
+    idx = torch.arange(n_R, device=h.device).expand(Pn, n_R)
+    if n_select:
+        idx = torch.cat([idx, n_R + _top_candidates(h[:, n_R:], wd_norm_rows, n_select, same_group)], dim=1)
+    return torch.zeros_like(h).scatter_(1, idx, 1)
+
+
 def layout_decode_grouped(x: Tensor, w_in: Tensor, wd_rc: Tensor, group: Tensor, offs: Tensor, wd_norm_rows: Tensor,
-                          n_R: int, n_select: int, act, same_group: Tensor | None = None, kernels: int = 1) -> Tensor:
+                          n_R: int, n_select: int, act, same_group: Tensor | None = None, kernels: int = 1,
+                          distinct: bool = False) -> Tensor:
     """Rows sorted by group, each through its group's R ∪ C layout (``w_in`` [G, 2·n_rc, K], ``wd_rc``
     [G, d_out, padded n_rc]): one grouped GEMV for gate/up, the candidates masked, one for down -> [P, d_out].
-    The experts decode (groups = experts) and the serving layouts (groups = request slots) share it."""
+    The experts decode (groups = experts) and the serving layouts (groups = request slots) share it;
+    ``distinct``: no two rows share a group (``pairs_gemv``)."""
     n_rc = w_in.shape[1] // 2
-    gate, up = grouped_gemv_op(x, w_in, group, offs, kernels).chunk(2, dim=-1)
+    gate, up = pairs_gemv(x, w_in, group, offs, kernels, distinct).chunk(2, dim=-1)
     h = act(gate) * up  # [P, n_rc]: R then C
+    if _reads_in_place(x, distinct):
+        # Inductor inlines the down GEMV's input into its loop over the weights: h times a 0/1 mask made by a
+        # scatter (a stored buffer) costs two loads and a multiply per weight element there; a pad and an update
+        # of h's C slice cost index arithmetic and blends per element (measured: half POP's bf16 MoE step)
+        keep = keep_mask(h, wd_norm_rows, n_R, n_select, same_group)
+        return torch.bmm(wd_rc[group][:, :, :n_rc], (h * keep).unsqueeze(-1)).squeeze(-1)
     keep_top_candidates(h[:, n_R:], wd_norm_rows, n_select, same_group)
     # padded to the layout's row stride (layout.ROW_ALIGN): aligned rows keep the CPU on _grouped_mm (an unaligned
     # n_rc, e.g. SmolLM2's 845, sent every call to the fallback's weight gather)
@@ -244,16 +285,18 @@ def experts_decode_pairs(hidden: Tensor, top_k_index: Tensor, top_k_weights: Ten
     # POP_SPEC's batch scoring per expert (the L2 norm over the pairs routed to it) unless each (expert, group)
     # has one pair: per sequence, or at batch 1 (a token's k experts differ)
     same_group = None if per_sequence or B == 1 else expert
+    distinct = B == 1  # one token: its k experts differ
     wd_rows = wd_norm_c.reshape(E * G, n_C).index_select(0, slot)
     if w_in.numel():  # scope="batch": the R ∪ C layouts, one contiguous block per expert
-        y = layout_decode_grouped(x, w_in, wd_rc, expert, offs, wd_rows, n_R, n_select, act, same_group, kernels)
+        y = layout_decode_grouped(x, w_in, wd_rc, expert, offs, wd_rows, n_R, n_select, act, same_group, kernels,
+                                  distinct)
     else:  # scope="sequence": the whole expert, then the pair's own R ∪ C
         rc = rc_idx.reshape(E * G, n_rc).index_select(0, slot)  # [P, n_rc]
-        z = grouped_gemv_op(x, gate_up, expert, offs, kernels)
+        z = pairs_gemv(x, gate_up, expert, offs, kernels, distinct)
         h = act(z.gather(1, rc)) * z.gather(1, rc + d_ff)
         keep_top_candidates(h[:, n_R:], wd_rows, n_select, same_group)
         h_full = torch.zeros(h.shape[0], d_ff, dtype=h.dtype, device=h.device).scatter_(1, rc, h)
-        y = grouped_gemv_op(h_full, down, expert, offs, kernels)
+        y = pairs_gemv(h_full, down, expert, offs, kernels, distinct)
     if empty_dense:
         is_dense = dense.reshape(E * G).index_select(0, slot)
         y_dense = _dense_pairs(x, expert, is_dense, gate_up, down, act, kernels)

@@ -7,6 +7,7 @@ aligned strides, so both the grouped_mm and the gather + bmm paths run), experts
 """
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -136,3 +137,24 @@ def test_pair_gemv_triton_kernel_under_the_interpreter():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]], ids=["batch", "batch1", "sequence"])
+def test_inductor_reads_a_single_tokens_experts_in_place(case):
+    """At batch 1 (a token's k experts differ) the CPU op under Inductor runs its GEMVs as ``bmm(w[expert], x)``,
+    which Inductor generates as one kernel reading each pair's block in place, not as ``pop::grouped_gemv``
+    (``_grouped_mm``: about half the bandwidth at M = 1). At batch > 1, pairs share experts: grouped stays."""
+    from torch._inductor.utils import run_and_get_code
+
+    x, idx, w, (gate_up, down, rc_idx, wd_norm_c, dense, w_in, wd_rc, z) = _inputs(case)
+    args = (x, idx, w, gate_up, down, rc_idx, wd_norm_c, torch.zeros_like(dense), w_in, wd_rc, z.n_R, z.n_select,
+            "silu", case[7], False)
+    # caches off: their key holds the op's name, not its body's source
+    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
+        torch._dynamo.reset()
+        fn = torch.compile(lambda *a: torch.ops.pop.experts_decode(*a), backend="inductor", fullgraph=True)
+        got, code = run_and_get_code(fn, *args)
+        want = torch.ops.pop.experts_decode(*args)
+    grouped = sum(len(re.findall(r"= torch\.ops\.pop\.grouped_gemv\.default\(", c)) for c in code)  # calls
+    assert grouped == (0 if x.shape[0] == 1 else 2), grouped
+    assert (got - want).abs().max().item() <= 1e-5 * (1 + want.abs().max().item())
