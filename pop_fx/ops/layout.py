@@ -11,10 +11,10 @@ Done once per prompt, into buffers the backend owns (the user's Parameters are n
 
 The copy is a gather bounded by memory bandwidth, so this op has no Triton kernel of its own. Rows go
 through ``index_select`` (one pass over the source rows); columns through ``gather_columns``: on the CPU
-``index_select`` along the last dim is 4-10x slower than a ``gather`` over an index broadcast across the rows,
-and a bf16/fp16 ``gather`` slower again than the same gather of the bits as int16 (measured on a 1B down
-projection, 3099 of 5632 columns: fp32 31.8 -> 7.4 ms, bf16 42.9 -> 4.3 ms; 64 OLMoE experts: bf16 550 ->
-116 ms).
+``index_select`` along the last dim is 5-7x slower than a ``gather`` over an index broadcast across the rows,
+and a bf16 ``gather`` slower again than the same gather of the bits as int16 (``examples/copy_gemv_variants.py``:
+1B down projection, 3099 of 5632 columns, fp32 27.3 -> 5.0 ms, bf16 28.1 -> 4.1 ms; 64 OLMoE experts' down,
+bf16 344 -> 78 ms).
 
 Layout flags (a bit set): FUSED — ``w_a`` holds gate rows [0, d_ff) and up rows [d_ff, 2·d_ff)
 (Phi-3's gate_up_proj); CONV1D — weights are stored [in, out] (GPT-2's Conv1D).
