@@ -1,6 +1,6 @@
 """Tell a decode step from the first forward of a one-token prompt: does the graph read a KV cache?
 
-POP_SPEC: one new token per sequence is a decode step, except the very first forward of a generation
+docs/spec.md: one new token per sequence is a decode step, except the very first forward of a generation
 (a one-token prompt), which is a prefill and partitions from its own token. Dynamo traces that first
 forward as a graph of its own, because nothing is cached yet: its attention's keys come from this
 forward alone (a DynamicCache has no past keys yet; a StaticCache creates its buffers inside the graph).

@@ -73,7 +73,7 @@ class SiteMatch:
 
     @property
     def is_decode(self) -> bool:
-        """One token per sequence on a non-empty cache (POP_SPEC): a one-token prompt's first forward is a prefill."""
+        """One token per sequence on a non-empty cache (docs/spec.md): a one-token prompt's first forward is a prefill."""
         t = self.tokens
         return isinstance(t, int) and t == 1 and self.cached
 

@@ -1,4 +1,4 @@
-"""Leave a vision tower's FFNs dense: they run only in prefill, so by POP_SPEC they are not sites.
+"""Leave a vision tower's FFNs dense: they run only in prefill, so by docs/spec.md they are not sites.
 
 A VLM's vision encoder (Qwen2-VL ``model.visual``) runs once per image in the prefill graph and
 never while decoding; POP prunes only FFNs that decode runs. Evidence: the site's module path

@@ -1,5 +1,5 @@
 """Name shared experts: a gated FFN beside routed experts (Qwen2-MoE ``shared_expert``, DeepSeek
-``shared_experts``) is a site of kind ``shared_expert`` (POP_SPEC's sites table); the rewrite is the dense
+``shared_experts``) is a site of kind ``shared_expert`` (docs/spec.md's sites table); the rewrite is the dense
 sites' one, only the report's kind differs.
 """
 

@@ -191,7 +191,7 @@ def report(model: torch.nn.Module, config: PopConfig | None = None) -> Report:
             nt = left_dense[-1]
             rep.dense.append({"path": path, "kind": nt["kind"], "reason": nt["reason"], "matched": nt["matched"]})
     # Vision towers never reach a decode graph (transformers' generate() even encodes images before the
-    # compiled forward): list their FFNs from the live model, with POP_SPEC's reason.
+    # compiled forward): list their FFNs from the live model, with docs/spec.md's reason.
     from pop_fx.sites import VISION_REASON, find_module_sites
 
     listed = {d["path"] for d in rep.dense}

@@ -23,7 +23,7 @@ _KERNELS = ("auto", "torch", "triton")
 
 @dataclass(frozen=True)
 class PopConfig:
-    """How POP prunes every FFN site (see POP_SPEC.md)."""
+    """How POP prunes every FFN site (see docs/spec.md)."""
 
     sparsity: float = 0.5
     """r: fraction of each FFN's intermediate channels inactive at every decode step, 0 <= r < 1."""

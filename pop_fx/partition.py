@@ -2,7 +2,7 @@
 
 Every execution path (the eager reference, the compiled ops, the kernels'
 references, the evaluation harness) calls these functions, so the paths cannot
-drift apart. POP_SPEC.md is the source of every rule here:
+drift apart. docs/spec.md is the source of every rule here:
 
 * sizes come from Python's ``round()`` on the float64 expressions as written;
 * ranks come from a stable sort on (-score, channel index), so ties are broken
@@ -41,7 +41,7 @@ class PartitionSizes(NamedTuple):
 
 
 def partition_sizes(d_ff: int, sparsity: float, candidate_ratio: float) -> PartitionSizes:
-    """(n_keep, n_R, n_C, n_P) for one site, exactly as POP_SPEC.md writes them."""
+    """(n_keep, n_R, n_C, n_P) for one site, exactly as docs/spec.md writes them."""
     if isinstance(d_ff, bool) or not isinstance(d_ff, numbers.Integral) or d_ff < 1:
         raise ValueError(f"d_ff={d_ff!r} is invalid: allowed an integer >= 1")
     from pop_fx.config import PopConfig
@@ -204,14 +204,14 @@ def candidate_topk(h_c: torch.Tensor, wd_norm_c: torch.Tensor, k: int, per_seque
 
     The compiled decode ops' selection: ``torch.topk`` over ``rank_keys`` (n_C is a few hundred to a few
     thousand values: one small launch, no sort, no Python round trip), which picks the same set as ``select``
-    (POP_SPEC's stable ranking: ties by the lower channel index, NaN last).
+    (docs/spec.md's stable ranking: ties by the lower channel index, NaN last).
     """
     scores = candidate_scores(h_c, wd_norm_c.reshape(-1) if not per_sequence else wd_norm_c, per_sequence)
     return torch.topk(rank_keys(scores), k, dim=-1, sorted=False).indices
 
 
 def weight_only_scores(wd_norm: torch.Tensor, w_in_rows: list[torch.Tensor]) -> torch.Tensor:
-    """Data-free importance ||Wd[:, j]|| · Π ||W_in[j, :]|| (POP_SPEC's fallback for an expert with no prefill token)."""
+    """Data-free importance ||Wd[:, j]|| · Π ||W_in[j, :]|| (docs/spec.md's fallback for an expert with no prefill token)."""
     s = wd_norm.float()
     for w in w_in_rows:
         s = s * torch.linalg.vector_norm(w.detach().float(), dim=-1)
@@ -220,7 +220,7 @@ def weight_only_scores(wd_norm: torch.Tensor, w_in_rows: list[torch.Tensor]) -> 
 
 
 def expert_scores(h: torch.Tensor, rows: torch.Tensor, wd_norm_e: torch.Tensor, gate_up_e: torch.Tensor, empty_dense: bool) -> torch.Tensor | None:
-    """Eq. 3 importance of one expert over ``rows`` of its tokens; POP_SPEC's fallback when none is valid.
+    """Eq. 3 importance of one expert over ``rows`` of its tokens; docs/spec.md's fallback when none is valid.
 
     Returns None for "leave this expert dense" (``empty_expert="dense"`` and no token).
     """

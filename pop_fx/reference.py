@@ -10,7 +10,7 @@ How it works (plain hooks, no graph rewriting):
   the cache is empty (``cache``/``past_key_values`` is None or has length 0, which makes
   a one-token prompt a prefill). A multi-token forward on a non-empty cache
   (multi-turn, chunked prefill, assisted decoding) is a prefill too: it
-  re-partitions from its own tokens only (POP_SPEC, "ours"). The hook also
+  re-partitions from its own tokens only (docs/spec.md, "ours"). The hook also
   records the current tokens' padding mask (``partition.token_mask``: from a 2-D or a static cache's 4-D mask; 0 =
   padding); padding never counts towards importance.
 * Dense sites (plain, gated, fused_gated, shared_expert): a forward pre-hook on

@@ -20,7 +20,7 @@ from torch import nn
 
 KINDS = ("plain", "gated", "fused_gated", "expert", "shared_expert")
 
-# Only FFNs that run while decoding are sites (POP_SPEC): a vision tower runs in prefill only.
+# Only FFNs that run while decoding are sites (docs/spec.md): a vision tower runs in prefill only.
 _VISION_WORDS = ("visual", "vision")
 VISION_REASON = "vision tower runs only in prefill"
 

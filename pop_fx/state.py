@@ -1,6 +1,6 @@
 """Per-site state shared by a model's prefill and decode graphs.
 
-A site is identified by its down projection's Parameter (POP_SPEC), so the
+A site is identified by its down projection's Parameter (docs/spec.md), so the
 prefill graph and every decode graph of one model find the same state; two
 models, or one model compiled with two configs, never share any. A routed-experts
 module's E sites share one state (``ExpertsState``), keyed by its 3-D ``down_proj``. The state's
@@ -61,7 +61,7 @@ class SiteState:
         return self.proxy
 
     def initialize(self) -> None:
-        """Write the data-free partition (POP_SPEC's fallback: ||Wd[:, j]|| · Π ||W_in[j, :]||) into the state.
+        """Write the data-free partition (docs/spec.md's fallback: ||Wd[:, j]|| · Π ||W_in[j, :]||) into the state.
 
         Used before any prefill and after ``reset``: a decode step that has no prefill of its own (a one-token
         prompt) prunes by weight norms, never by a previous request's partition or by an all-zero layout.

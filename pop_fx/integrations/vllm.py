@@ -120,7 +120,7 @@ class PopVllmMLP(nn.Module):
         dev = wd.device
         self.register_buffer("wd_norm", P.down_column_norm(wd).to(dev), persistent=False)
         self.register_buffer("sumsq", torch.zeros(max_slots, d_ff, dtype=torch.float64, device=dev), persistent=False)
-        # Until a slot's last chunk: the partition by ||Wd[:, j]|| alone (gate/up may be quantized; POP_SPEC's
+        # Until a slot's last chunk: the partition by ||Wd[:, j]|| alone (gate/up may be quantized; docs/spec.md's
         # data-free fallback without their norms).
         part = P.split(self.wd_norm, self.sizes)
         rc = torch.cat([part.R, part.C])

@@ -11,7 +11,7 @@ of it anyway.
 
 Implementations, one contract:
 
-* ``decode_reference`` — plain torch: candidate top-k over ``partition.rank_keys`` (POP_SPEC's tie-break),
+* ``decode_reference`` — plain torch: candidate top-k over ``partition.rank_keys`` (docs/spec.md's tie-break),
   the mask, ``F.linear``. The CPU path (Inductor traces it: scoring and masking fuse into one C++ loop, the
   GEMV is an extern oneDNN/BLAS call) and, until a GPU run has measured the Triton kernels, the CUDA default
   (cuBLAS's GEMV over the masked activations).

@@ -7,8 +7,8 @@ a step at batch B and top-k is the B·k (token, expert) *pairs*, whatever the ro
     offs     = per-expert cumulative pair counts [E] (a binary search over the sorted experts: no ``.item()``)
     z        = grouped GEMV(x[token of pair], w_in[expert of pair])      [B·k, 2·(n_R+n_C)]   one call
     h        = act(gate) ⊙ up                                             [B·k, n_R+n_C]
-    score_c  = ||h_C over the pairs of the same expert||_2 · ||Wd[:, C]||  (POP_SPEC's batch scoring, per expert)
-    S        = top_{n_select}(score_c) per pair (``partition.candidate_topk``: POP_SPEC's tie-break)
+    score_c  = ||h_C over the pairs of the same expert||_2 · ||Wd[:, C]||  (docs/spec.md's batch scoring, per expert)
+    S        = top_{n_select}(score_c) per pair (``partition.candidate_topk``: docs/spec.md's tie-break)
     y        = grouped GEMV(h ⊙ [1_R, 1_S], wd_rc[expert of pair])          [B·k, H]             one call
     out      = Σ_k  y · top_k_weights, after a gather back to (token, k) order [B, H]
 
@@ -223,7 +223,7 @@ def _top_candidates(h_c: Tensor, wd_norm_rows: Tensor, n_select: int, same_group
 def keep_top_candidates(h_c: Tensor, wd_norm_rows: Tensor, n_select: int, same_group: Tensor | None = None) -> None:
     """Zero, in place, every candidate of ``h_c`` [P, n_C] but each row's top ``n_select`` by |h| · ||Wd[:, j]||
     (``wd_norm_rows`` [P, n_C]); with ``same_group`` [P], |h| is the L2 norm over the rows of the same group
-    (POP_SPEC's batch scoring, as one [P, P] 0/1 product: P is tiny). Ties as ``partition.rank_keys``."""
+    (docs/spec.md's batch scoring, as one [P, P] 0/1 product: P is tiny). Ties as ``partition.rank_keys``."""
     if n_select == 0:
         h_c.zero_()
         return
@@ -282,7 +282,7 @@ def experts_decode_pairs(hidden: Tensor, top_k_index: Tensor, top_k_weights: Ten
     group = token if per_sequence else torch.zeros_like(token)
     G = rc_idx.shape[1]
     slot = expert * G + group  # row of the pair's (expert, partition group) in the [E·G, ...] state
-    # POP_SPEC's batch scoring per expert (the L2 norm over the pairs routed to it) unless each (expert, group)
+    # docs/spec.md's batch scoring per expert (the L2 norm over the pairs routed to it) unless each (expert, group)
     # has one pair: per sequence, or at batch 1 (a token's k experts differ)
     same_group = None if per_sequence or B == 1 else expert
     distinct = B == 1  # one token: its k experts differ

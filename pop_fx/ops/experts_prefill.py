@@ -3,7 +3,7 @@
 One op replaces an experts module's whole computation (see ``passes/match_experts.py``):
 ``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`` with
 ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``. Each expert is its own POP site
-(POP_SPEC, Experts): its partition comes from the prefill tokens routed to it.
+(docs/spec.md, Experts): its partition comes from the prefill tokens routed to it.
 
 State of one experts module (``pop_fx.state.ExpertsState``), G = 1 partition group under
 scope="batch", max_batch_size under scope="sequence":
@@ -61,7 +61,7 @@ _WEIGHT_SCORES: "WeakIdKeyDictionary[Tensor, tuple[int, Tensor]]" = WeakIdKeyDic
 
 
 def weight_scores(gate_up: Tensor, wd_norm: Tensor) -> Tensor:
-    """[E, I] data-free scores ||Wd_e[:, j]||·||Wg_e[j]||·||Wu_e[j]|| (POP_SPEC's empty-expert fallback), computed
+    """[E, I] data-free scores ||Wd_e[:, j]||·||Wg_e[j]||·||Wu_e[j]|| (docs/spec.md's empty-expert fallback), computed
     once per weights (a pass over every expert) and kept while ``gate_up`` is unchanged."""
     hit = _WEIGHT_SCORES.get(gate_up)
     if hit is not None and hit[0] == gate_up._version and hit[1].shape == wd_norm.shape:

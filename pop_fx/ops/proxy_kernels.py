@@ -9,7 +9,7 @@ For each candidate channel c (position i in C) and each batch row b:
 
 and writes the [n_C] fp32 scores, or (what the op uses) their ``partition.rank_keys`` as int64 — monotone fp32
 bits, ties by the lower position — so the selection is one ``torch.topk`` over them (exactly
-``partition.candidate_topk``: POP_SPEC's tie-break by the lower index, NaN last). The torch reference is
+``partition.candidate_topk``: docs/spec.md's tie-break by the lower index, NaN last). The torch reference is
 ``proxy_select.proxy_activation`` + ``candidate_topk`` (the op's CPU body); tests compare them under
 ``TRITON_INTERPRET=1`` and compile both kernels for sm_90 ahead of time (tests/pop_fx/ops/).
 

@@ -74,7 +74,7 @@ def proxy_activation(x2: Tensor, q: Tensor, s: Tensor, c_idx: Tensor, d_ff: int,
 def proxy_select_triton(x2: Tensor, q: Tensor, s: Tensor, c_idx: Tensor, wd_norm_c: Tensor, n_select: int, d_ff: int,
                         act: int, launch=None) -> Tensor:
     """The CUDA body: the fused scoring kernel writes the [n_C] scores' ``rank_keys``, then ``candidate_topk``'s
-    ``torch.topk`` over them (the same set: POP_SPEC's tie-break)."""
+    ``torch.topk`` over them (the same set: docs/spec.md's tie-break)."""
     keys = proxy_scores_triton(x2, q, s, c_idx, wd_norm_c, d_ff, act, launch=launch, keys=True)
     return torch.topk(keys, n_select, dim=-1, sorted=False).indices
 

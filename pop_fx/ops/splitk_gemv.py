@@ -9,7 +9,7 @@ ahead-of-time sm_90 compile check (``tests/pop_fx/ops/test_triton_sm90.py``).
 them into ``partition.rank_keys``'s int64 keys (monotone fp32 bits, ties by the lower index, NaN last), sorts
 them (a bitonic ``tl.sort`` over next_pow2(n_C) ≤ 8192 keys, in registers) and writes the 0/1 mask of the
 n_select best. It replaces ``torch.topk`` + a scatter (a radix select and a second launch) and keeps
-POP_SPEC's tie-break exactly.
+docs/spec.md's tie-break exactly.
 
 ``_gemv_kernel`` — y = x · Wᵀ for W [N, K] in ``nn.Linear``'s layout and x [B ≤ 16, K]. Grid (N / BLOCK_N,
 SPLIT): each program streams a [BLOCK_N, K / SPLIT] slab of W through a ``num_stages``-deep software pipeline

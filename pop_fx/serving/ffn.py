@@ -15,7 +15,7 @@ weights by default (no copies: on a GPU with a large model S copies do not fit);
 What a ragged step computes for request q (the oracle in tests/pop_fx/serving): exactly ``reference.pruned``
 with ``scope="sequence"``, ``prefill="dense"`` on q alone with its whole prompt in one forward. A chunked
 prompt's partition is the importance of the whole prompt (Σh² accumulated over its chunks), not of its last
-chunk: POP_SPEC's rule "a multi-token forward on a non-empty cache re-partitions from its own tokens" is for a
+chunk: docs/spec.md's rule "a multi-token forward on a non-empty cache re-partitions from its own tokens" is for a
 new turn, whereas chunks are one prompt cut by the scheduler, and a request's tokens must not depend on how a
 scheduler happened to cut it.
 """
@@ -138,7 +138,7 @@ class RaggedPopFFN(nn.Module):
 
     @torch.no_grad()
     def reset_slot(self, s: int) -> None:
-        """Slot ``s`` forgets its request: Σh² zero, the data-free partition (POP_SPEC's fallback) until its
+        """Slot ``s`` forgets its request: Σh² zero, the data-free partition (docs/spec.md's fallback) until its
         next last chunk. Touches row ``s`` only."""
         self.sumsq[s].zero_()
         self.rc_idx[s].copy_(self.free_rc)

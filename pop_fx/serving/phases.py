@@ -5,7 +5,7 @@
     DECODE   a generated token: R ∪ the step's top candidates of the slot's partition
     DENSE    dense and stateless: a preempted request's prompt recomputed (its partition was kept)
 
-A chunk before the last must run dense: its partition is not known yet (POP_SPEC's prefill="dense").
+A chunk before the last must run dense: its partition is not known yet (docs/spec.md's prefill="dense").
 """
 
 PREFILL, LAST, DECODE, DENSE = 0, 1, 2, 3

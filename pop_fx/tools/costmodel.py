@@ -7,7 +7,7 @@ Counted: the FFN's matrix products, 2 FLOPs per multiply-add, and the bytes of F
 (read once per step for the whole batch; ``scope="batch"``). Not counted: biases, the activation and the product
 (O(b·f)), and POP's candidate scoring and top-k (O(b·γ·f)); all are ~1/d of what is counted.
 
-Sizes (POP_SPEC.md) without rounding, ``n_keep = (1-r)·f``, ``n_R = max(0, n_keep - γ/2·f)``,
+Sizes (docs/spec.md) without rounding, ``n_keep = (1-r)·f``, ``n_R = max(0, n_keep - γ/2·f)``,
 ``n_C = min(γ·f, f - n_R)``. On the main domain ``γ/2 <= r <= 1 - γ/2`` that is
 
     n_R = (1 - r - γ/2)·f,   n_C = γ·f,   |R ∪ C| = (1 - r + γ/2)·f
@@ -73,7 +73,7 @@ def sizes() -> dict[str, sympy.Expr]:
 
 @functools.cache
 def sizes_general() -> dict[str, sympy.Expr]:
-    """The same sizes for every 0 <= r < 1, 0 <= γ <= 2, as Piecewise (POP_SPEC's max/min clipping, unrounded)."""
+    """The same sizes for every 0 <= r < 1, 0 <= γ <= 2, as Piecewise (docs/spec.md's max/min clipping, unrounded)."""
     n_keep = (1 - r) * f
     n_R = f * sympy.Max(0, 1 - r - gamma / 2)
     n_C = f * sympy.Min(gamma, 1 - sympy.Max(0, 1 - r - gamma / 2))
@@ -275,7 +275,7 @@ def paper_comparison(candidate_ratio: float = 0.1, total_reduction: float = 0.2)
 
 
 PAPER_NOTE = """\
-Why ours is γ/3 and the paper's is not. Under POP_SPEC's rank form the candidate band has exactly
+Why ours is γ/3 and the paper's is not. Under docs/spec.md's rank form the candidate band has exactly
 γ·d_ff channels, of which exactly n_keep - n_R are used at every step, so the rows computed and
 thrown away are the γ/2·d_ff unselected candidates of gate and up: 2·(γ/2)·f of the 3·f dense
 rows, γ/3 whatever d_model, d_ff, batch or r (inside γ/2 <= r <= 1 - γ/2). The paper reports

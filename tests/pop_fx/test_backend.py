@@ -173,7 +173,7 @@ ENTRY_PATHS = {
 @pytest.mark.parametrize("path", sorted(ENTRY_PATHS))
 def test_one_token_prompt_partitions_from_its_own_token_on_every_entry_path(path):
     # The first forward of a one-token prompt reads no KV cache: Dynamo traces it as a graph of its own, which
-    # the passes treat as a prefill (POP_SPEC). Before, it took the decode graph and pruned with whatever
+    # the passes treat as a prefill (docs/spec.md). Before, it took the decode graph and pruned with whatever
     # partition the previous generate() had left (model.compile) or the data-free one (pop_fx.compile).
     torch._dynamo.reset()
     cfg = dict(sparsity=0.5, candidate_ratio=0.2, lowering="eager")

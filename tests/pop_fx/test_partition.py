@@ -1,4 +1,4 @@
-"""Property tests of the partition core against POP_SPEC.md, recomputed independently here."""
+"""Property tests of the partition core against docs/spec.md, recomputed independently here."""
 
 import pytest
 import torch
@@ -21,7 +21,7 @@ rs = st.floats(min_value=0.0, max_value=0.999, allow_nan=False)
 gammas = st.floats(min_value=0.0, max_value=2.0, allow_nan=False)
 
 
-# (d_ff, r, γ) -> (n_keep, n_R, n_C, n_P), worked out by hand from POP_SPEC.md ("Python's built-in round() on
+# (d_ff, r, γ) -> (n_keep, n_R, n_C, n_P), worked out by hand from docs/spec.md ("Python's built-in round() on
 # the float64 expressions exactly as written"; the rank form rules where r + δ > 1):
 HAND = [
     ((1536, 0.5, 0.1), (768, 691, 154, 691)),    # SmolLM2: δ·d_ff = 76.8 -> 77, γ·d_ff = 153.6 -> 154

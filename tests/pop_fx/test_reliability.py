@@ -282,7 +282,7 @@ def test_scope_sequence_rows_equal_their_solo_runs(seq_model, batch):
 
 
 def test_all_padding_row_is_defined_and_leaves_the_others_alone(seq_model):
-    # A row with no real token partitions from zero scores (index order, POP_SPEC's tie rule): no NaN, and
+    # A row with no real token partitions from zero scores (index order, docs/spec.md's tie rule): no NaN, and
     # under scope="sequence" the other rows are untouched.
     ids, mask = _left_padded([[5, 9, 33, 17], [8, 8, 8, 8]])
     mask[1] = 0

@@ -14,7 +14,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10
 
 
 def definition(h_rc, wd_rc, bd, wd_norm_c, n_R, k, wrong=False):
-    """Wd[:, R ∪ S_t] · H_t[R ∪ S_t], S_t by POP_SPEC's stable ranking, in fp64 (``wrong``: S_t's best candidate
+    """Wd[:, R ∪ S_t] · H_t[R ∪ S_t], S_t by docs/spec.md's stable ranking, in fp64 (``wrong``: S_t's best candidate
     swapped for the worst one, the negative control)."""
     h2 = h_rc.reshape(-1, h_rc.shape[-1]).double()
     keep = list(range(n_R))
@@ -79,7 +79,7 @@ def test_topk_selects_the_same_set_as_the_definition(B, n_C, frac, seed, per_seq
 @given(B=st.integers(1, 4), n_C=st.integers(1, 64), frac=st.floats(0, 1), seed=st.integers(0, 10_000),
        per_seq=st.booleans(), nan=st.booleans())
 def test_topk_breaks_ties_by_channel_index_and_ranks_nan_last(B, n_C, frac, seed, per_seq, nan):
-    # Ties are what random data never has: ReLU's zeros, repeated activations, equal norms. POP_SPEC ranks by
+    # Ties are what random data never has: ReLU's zeros, repeated activations, equal norms. docs/spec.md ranks by
     # (-score, channel index) with NaN last; every path must pick exactly that set.
     k = round(frac * n_C)
     g = torch.Generator().manual_seed(seed)

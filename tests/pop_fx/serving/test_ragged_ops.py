@@ -58,7 +58,7 @@ def test_chunked_prompt_partition_is_the_whole_prompts(cuts, seed):
 
 @pytest.mark.parametrize("layouts", [False, True])
 def test_decode_rows_use_their_own_slot(layouts):
-    """A decode step mixing slots equals each slot's POP decode done alone (POP_SPEC's decode, per sequence)."""
+    """A decode step mixing slots equals each slot's POP decode done alone (docs/spec.md's decode, per sequence)."""
     mlp, f, step = _ffn(layouts=layouts)
     g = torch.Generator().manual_seed(1)
     prompts = {s: torch.randn(3 + s, 12, generator=g) for s in (0, 1, 3)}
