@@ -24,8 +24,6 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
-SHARED_TEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "web_bible.txt"
-
 
 @pytest.fixture(autouse=True)
 def _seed():

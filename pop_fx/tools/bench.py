@@ -33,14 +33,14 @@ import argparse
 import copy
 import gc
 import json
-import statistics
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from pop_fx.tools.timing import StepStamps
+from pop_fx.tools import bench_moe
+from pop_fx.tools.model_copies import require_fully_rewritten, shallow_copy, structural_copy
+from pop_fx.tools.timing import Cell, Clock, StepStamps
 
 VARIANTS = ("dense-eager", "dense-inductor", "dense-fused", "sliced", "sliced-unfused", "pop", "pop-full",
             "pop-proxy", "pop-values")
@@ -101,12 +101,6 @@ class FusedGatedFFN(nn.Module):
         return self.down_proj(self.act_fn(g) * u)
 
 
-def _structural_copy(model: nn.Module) -> nn.Module:
-    """A copy of the module tree that shares every Parameter and buffer with ``model`` (no weight is copied)."""
-    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    return copy.deepcopy(model, memo)
-
-
 def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, new)
@@ -125,7 +119,7 @@ def _gated_sites(model: nn.Module):
 def fused_copy(model: nn.Module) -> nn.Module:
     """``model`` with every bias-free gated FFN's gate and up fused into one projection (new [2f, d] weights;
     the rest shared)."""
-    out = _structural_copy(model)
+    out = structural_copy(model)
     for s in list(_gated_sites(out)):
         g, u = (getattr(s.module, n).weight for n in s.inputs)
         _set_module(out, s.path, FusedGatedFFN(g, u, s.down, s.module.act_fn))
@@ -170,55 +164,6 @@ def sliced_copy(model: nn.Module, n_keep_of, fused: bool = False) -> nn.Module:
     return fused_copy(out) if fused else out
 
 
-def _shallow(model: nn.Module) -> nn.Module:
-    """A second top-level module over the same Parameters: ``compile`` in place touches only the top."""
-    clone = copy.copy(model)
-    clone.__dict__ = dict(model.__dict__)
-    clone._compiled_call_impl = None
-    return clone
-
-
-# ------------------------------------------------------------------------------------------------
-# timing
-# ------------------------------------------------------------------------------------------------
-
-
-class Clock:
-    """Wall time of a region on one device: ``perf_counter`` on the CPU; on CUDA the region is synchronized
-    on both ends and timed with CUDA events (device work is asynchronous)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = torch.device(device).type == "cuda"
-
-    def start(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def seconds_since(self, start) -> float:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1e3
-        return time.perf_counter() - start
-
-
-@dataclass
-class Cell:
-    variant: str
-    times: list = field(default_factory=list)
-    prefill_s: float = float("nan")
-    extra_bytes: int = 0
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times) if self.times else float("nan")
-
-
 def proxy_config(config, gamma: float = 1.0, proxy: str = "int8"):
     """The ``pop-proxy`` variant's config: proxy-scored candidates over a band of width ``gamma``."""
     return config.replace(candidate_proxy=proxy, candidate_ratio=gamma)
@@ -235,7 +180,7 @@ def _build_variants(model, config, variants, n_keep_of, proxy_gamma: float = 1.0
         if v == "dense-eager":
             built[v] = model
         elif v in ("dense-inductor", "dense-fused", "sliced", "sliced-unfused"):
-            m = {"dense-inductor": lambda: _shallow(model), "dense-fused": lambda: fused_copy(model),
+            m = {"dense-inductor": lambda: shallow_copy(model), "dense-fused": lambda: fused_copy(model),
                  "sliced": lambda: sliced_copy(model, n_keep_of, fused=True),
                  "sliced-unfused": lambda: sliced_copy(model, n_keep_of)}[v]()
             m.compile(**inductor)
@@ -244,24 +189,10 @@ def _build_variants(model, config, variants, n_keep_of, proxy_gamma: float = 1.0
             cfg = {"pop": config, "pop-full": config.replace(candidate_ratio=2.0),
                    "pop-proxy": proxy_config(config, proxy_gamma, proxy),
                    "pop-values": proxy_config(config, 2.0, "int8-values")}[v]
-            built[v] = pop_fx.compile(_shallow(model), cfg, mode=mode)
+            built[v] = pop_fx.compile(shallow_copy(model), cfg, mode=mode)
         else:
             raise ValueError(f"variant={v!r} is invalid: allowed one of {list(VARIANTS)}")
     return built
-
-
-def require_fully_rewritten(name: str, m: nn.Module) -> None:
-    """Refuse to time a POP variant in which some FFN site was not rewritten in both its prefill and decode
-    graphs (a graph break, the recompile limit, an unsupported block): its timing would not be POP's."""
-    import pop_fx
-
-    rep = pop_fx.report(m)
-    missing = [s["path"] for s in rep.sites if set(s["graphs"]) != {"prefill", "decode"}]
-    problems = rep.warnings + [f"{d['path']} left dense: {d['reason']}" for d in rep.dense if d.get("matched")] + \
-        [f"{p}: rewritten only in {sorted(s['graphs'])}" for p, s in ((s["path"], s) for s in rep.sites) if p in missing]
-    if not rep.sites or problems:
-        raise RuntimeError(f"pop-fx bench: variant {name!r} is not POP at every FFN site, so it is not timed: "
-                           + ("; ".join(problems) if problems else "no site was rewritten"))
 
 
 def bench_ffn(d: int, f: int, k: int, config, *, batch: int = 1, prompt: int = 16, steps: int = 20,
@@ -357,19 +288,6 @@ def _extra(built, cells):
             cells[v].extra_bytes = pop_fx.report(built[v]).extra_bytes
 
 
-def copy_bandwidth(device: str, mib: int = 1024) -> float:
-    """GB/s of a device-to-device copy (bytes read plus bytes written), the ceiling a GEMV is measured against."""
-    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).normal_()
-    dst = torch.empty_like(src)
-    clock = Clock(device)
-    for _ in range(3):
-        dst.copy_(src)
-    t0 = clock.start()
-    for _ in range(10):
-        dst.copy_(src)
-    return 2 * src.numel() * 4 * 10 / clock.seconds_since(t0) / 1e9
-
-
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
@@ -391,9 +309,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", default="1b", choices=["1b", "smollm2", "7b"],
                         help="--ffn-only shape: 1b = d 2048, d_ff 5632; smollm2 = d 576, d_ff 1536; 7b = d 4096, d_ff 14336")
     parser.add_argument("--layers", type=int, default=8, help="--ffn-only: FFN layers in the stack (default %(default)s)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (default %(default)s)")
+    parser.add_argument("--new-tokens", type=int, default=32,
+                        help="tokens per timed generate() (end to end; --ffn-only times 20 decode steps) "
+                             "(default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds over all variants; "
+                        "the median is reported (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
     parser.add_argument("--cuda-graphs", action="store_true", help="compile every variant with mode='reduce-overhead'")
@@ -407,9 +328,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="every cell of README's speed table (1B-shaped FFN stack: fp32/bf16/fp16 at batch 1, "
                              "fp32/bf16 at batch 8; SmolLM2 end to end: fp32 and bf16 at batch 1, scope='sequence' "
                              "at batch 8), r=0.5, γ=0.1")
-    from pop_fx.tools.bench_moe import add_arguments as add_moe_arguments
-
-    add_moe_arguments(parser)
+    bench_moe.add_arguments(parser)
 
 
 def _full_cells(args, config):
@@ -476,9 +395,7 @@ def _measure_cell(args, config, batch, dtype, variants) -> dict:
     device = getattr(args, "device", "cpu")
     mode = "reduce-overhead" if getattr(args, "cuda_graphs", False) else None
     if getattr(args, "moe", False):
-        from pop_fx.tools.bench_moe import run_moe
-
-        return run_moe(args, config, batch, dtype)
+        return bench_moe.run_moe(args, config, batch, dtype)
     if args.ffn_only:
         d, f = SHAPES[args.shape]
         cells = bench_ffn(d, f, args.layers, config, batch=batch, rounds=args.rounds, dtype=dtype, variants=variants,

@@ -32,8 +32,8 @@ import time
 import torch
 import torch.nn as nn
 
-from pop_fx.tools.bench import Cell, Clock, _structural_copy, require_fully_rewritten
-from pop_fx.tools.timing import StepStamps
+from pop_fx.tools.model_copies import require_fully_rewritten, structural_copy
+from pop_fx.tools.timing import Cell, Clock, StepStamps
 
 MOE_SHAPES = {"olmoe": (2048, 64, 1024, 8), "qwen3": (2048, 128, 768, 8), "tiny": (64, 8, 48, 2)}
 """d_model, experts, d_ff per expert, top-k (tiny: for tests)"""
@@ -81,7 +81,7 @@ class MoEStack(nn.Module):
 
 def sliced_experts_copy(model: nn.Module, n_keep: int) -> nn.Module:
     """A copy of ``model`` whose every experts module keeps n_keep channels per expert (the first ones)."""
-    out = copy.deepcopy(model) if not isinstance(model, MoEStack) else _structural_copy(model)
+    out = copy.deepcopy(model) if not isinstance(model, MoEStack) else structural_copy(model)
     for m in out.modules():
         gu, dn = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
         if isinstance(gu, torch.Tensor) and gu.dim() == 3:
@@ -96,7 +96,7 @@ def sliced_experts_copy(model: nn.Module, n_keep: int) -> nn.Module:
 
 def _with_impl(model: nn.Module, impl: str) -> nn.Module:
     """A copy over the same Parameters with its own config, set to experts implementation ``impl``."""
-    out = _structural_copy(model)
+    out = structural_copy(model)
     cfg = copy.copy(out.config)
     cfg._experts_implementation = impl
     for m in out.modules():

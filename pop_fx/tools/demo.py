@@ -16,6 +16,8 @@ import json
 import torch
 
 DEFAULT_PROMPTS = ("The capital of France is",)
+MODEL_HELP = ("'smollm2', or a local HF folder or .gguf file that has a tokenizer (the demo prints text; the tiny "
+              "random families have none) (default %(default)s)")
 
 # From `pop-fx frontier --quick` on SmolLM2 (README "Choosing a setting", Inductor, 2 threads): the fastest setting
 # within 1.25x dense perplexity is the int8-values method at r=0.5 (perplexity 1.22x, agreement 0.77, 1.13x dense
@@ -30,6 +32,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--also", default=SENSIBLE, help="one more setting shown beside --sparsity, as r:γ or r:γ:candidate_proxy "
                         "(default %(default)s, sensible text on SmolLM2; 'none' to skip it)")
     parser.add_argument("--no-compile", action="store_true", help="run POP through the eager reference instead of backend='pop'")
+
+
+def check_model(name: str) -> None:
+    """Refuse, before anything is loaded, a model the demo cannot show: the tiny random families have no
+    tokenizer (``pop-fx inspect``, ``bench`` and ``eval`` take them)."""
+    from pop_fx.tools.models import TINY_FAMILIES, TINY_VLM_FAMILIES
+
+    if str(name) in TINY_FAMILIES + TINY_VLM_FAMILIES:
+        raise ValueError(f"--model={name!r} is a tiny random model without a tokenizer, and the demo prints text: "
+                         f"allowed 'smollm2' or a local Hugging Face folder / .gguf file with a tokenizer "
+                         f"(`pop-fx inspect {name}` shows what POP does to it)")
 
 
 def parse_also(text: str, base):
@@ -74,7 +87,7 @@ def format_rows(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _generate(model, tok, prompt: str, n: int, warmup: bool = False) -> tuple[torch.Tensor, float]:
+def generate_timed(model, tok, prompt: str, n: int, warmup: bool = False) -> tuple[torch.Tensor, float]:
     """(ids, decode tokens/s): the rate between the first and the last new token (prefill excluded, as in
     ``pop-fx bench``; POP's prefill also builds its layouts)."""
     from transformers import LogitsProcessorList
@@ -91,7 +104,7 @@ def _generate(model, tok, prompt: str, n: int, warmup: bool = False) -> tuple[to
     return out[0], stamps.decode_rate()
 
 
-def _compiled_runs(model, tok, prompts, n, configs, log=None):
+def compiled_runs(model, tok, prompts, n, configs, log=None):
     """[(ids, tok/s) per prompt] for dense (stock Inductor), then for each config (backend="pop"), and the
     last config's report."""
     import contextlib
@@ -102,7 +115,7 @@ def _compiled_runs(model, tok, prompts, n, configs, log=None):
     torch._dynamo.reset()
     model.compile(backend="inductor")
     with phase("compiling dense (stock Inductor: prefill and decode graphs) and generating"):
-        runs = [[_generate(model, tok, p, n, warmup=True) for p in prompts]]
+        runs = [[generate_timed(model, tok, p, n, warmup=True) for p in prompts]]
     pop_fx.decompile(model)
     report = None
     for cfg in configs:
@@ -110,7 +123,7 @@ def _compiled_runs(model, tok, prompts, n, configs, log=None):
         pop_fx.compile(model, cfg)
         try:
             with phase(f"compiling POP {setting_label(cfg)} (backend='pop') and generating"):
-                runs.append([_generate(model, tok, p, n, warmup=True) for p in prompts])
+                runs.append([generate_timed(model, tok, p, n, warmup=True) for p in prompts])
             report = pop_fx.report(model)
         finally:
             pop_fx.decompile(model)
@@ -126,21 +139,22 @@ def pop_context(model, config):
 
 def run(args: argparse.Namespace) -> int:
     from pop_fx.tools.cli import config_from_args
-    from pop_fx.tools.phases import Phases
+    from pop_fx.tools.progress import Progress
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} is invalid: allowed an integer >= 1")
     config = config_from_args(args)
     also = parse_also(args.also, config)
+    check_model(args.model)
     configs = [c for c in (also, config) if c is not None]
-    log = Phases()
+    log = Progress()
     log(f"pop-fx demo: loading {args.model} (dense, then POP at " +
         ", ".join(setting_label(c) for c in configs) + ")")
     from pop_fx.tools.agreement import next_token_agreement
-    from pop_fx.tools.models import SMOLLM2_DIR, _cache_root, load_model
+    from pop_fx.tools.models import SMOLLM2_DIR, cache_root, load_model
 
-    if args.model == "smollm2" and not (_cache_root() / SMOLLM2_DIR / "config.json").is_file():
-        log(f"first use: converting SmolLM2's GGUF once to {_cache_root() / SMOLLM2_DIR} (about a minute; later "
+    if args.model == "smollm2" and not (cache_root() / SMOLLM2_DIR / "config.json").is_file():
+        log(f"first use: converting SmolLM2's GGUF once to {cache_root() / SMOLLM2_DIR} (about a minute; later "
             f"runs load in seconds)")
     with log.phase(f"loading {args.model}"):
         model, tok = load_model(args.model, args.dtype)
@@ -150,12 +164,12 @@ def run(args: argparse.Namespace) -> int:
     if args.no_compile:
         runs = []
         with log.phase("generating (eager; POP through the eager reference)"):
-            runs.append([_generate(model, tok, p, args.max_new_tokens) for p in args.prompts])
+            runs.append([generate_timed(model, tok, p, args.max_new_tokens) for p in args.prompts])
             for cfg in configs:
                 with pop_context(model, cfg):
-                    runs.append([_generate(model, tok, p, args.max_new_tokens) for p in args.prompts])
+                    runs.append([generate_timed(model, tok, p, args.max_new_tokens) for p in args.prompts])
     else:
-        runs, report = _compiled_runs(model, tok, args.prompts, args.max_new_tokens, configs, log)
+        runs, report = compiled_runs(model, tok, args.prompts, args.max_new_tokens, configs, log)
     rows = []
     with log.phase("next-token agreement with dense (decode mode, eager reference)"):
         for i, prompt in enumerate(args.prompts):

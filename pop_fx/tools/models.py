@@ -231,7 +231,8 @@ def split_into_experts(model, num_experts: int = 4):
     return moe
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where pop-fx keeps what it converts or measures once: ``$POP_FX_CACHE``, else ``~/.cache/pop-fx``."""
     return Path(os.environ.get("POP_FX_CACHE") or Path.home() / ".cache" / "pop-fx")
 
 
@@ -258,7 +259,7 @@ def smollm2_path() -> Path:
     The folder is written under a temporary name and renamed, so two processes
     converting at once never see a half-written folder.
     """
-    target = _cache_root() / SMOLLM2_DIR
+    target = cache_root() / SMOLLM2_DIR
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -326,5 +327,5 @@ def load_model(name: str = "smollm2", dtype: str | torch.dtype = torch.float32):
     return model, tok
 
 
-__all__ = ["TINY_FAMILIES", "TINY_VLM_FAMILIES", "load_model", "parse_dtype", "smollm2_gguf", "smollm2_path", "split_into_experts", "tiny_config", "tiny_model", "tiny_vlm",
+__all__ = ["TINY_FAMILIES", "TINY_VLM_FAMILIES", "cache_root", "load_model", "parse_dtype", "smollm2_gguf", "smollm2_path", "split_into_experts", "tiny_config", "tiny_model", "tiny_vlm",
            "vlm_inputs"]

@@ -1,6 +1,6 @@
 """One line per phase of a long command, with the seconds since it started, and a heartbeat inside a phase.
 
-    log = Phases()
+    log = Progress()
     log("loading smollm2")                    # [   0.0 s] loading smollm2
     with log.phase("compiling dense"):        # [   2.1 s] compiling dense ...
         ...                                   # [  12.1 s]   ... compiling dense: 10 s so far
@@ -18,7 +18,7 @@ import threading
 import time
 
 
-class Phases:
+class Progress:
     def __init__(self, enabled: bool = True, stream=None, heartbeat_s: float = 10.0):
         self.t0 = time.perf_counter()
         self.enabled = enabled
@@ -57,4 +57,4 @@ class Phases:
         self(f"  done in {time.perf_counter() - start:.1f} s")
 
 
-__all__ = ["Phases"]
+__all__ = ["Progress"]

@@ -1,14 +1,58 @@
-"""Timing decode steps inside one ``generate()``: a logits processor that stamps every step.
+"""Timing for the benchmarks: a region on one device (``Clock``), one variant's samples (``Cell``), and the
+decode steps inside one ``generate()`` (``StepStamps``, a logits processor that stamps every step).
 
 The decode rate is taken between the first and the last new token of the same call, so the prefill (and
-POP's layout build) never counts against it; ``pop-fx bench`` and ``pop-fx demo`` both read it this way.
+POP's layout build) never counts against it; ``pop-fx bench``, ``pop-fx frontier`` and ``pop-fx demo`` all
+read it this way.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
+from dataclasses import dataclass, field
 
+import torch
 from transformers import LogitsProcessor
+
+
+class Clock:
+    """Wall time of a region on one device: ``perf_counter`` on the CPU; on CUDA the region is synchronized
+    on both ends and timed with CUDA events (device work is asynchronous)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def seconds_since(self, start) -> float:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3
+        return time.perf_counter() - start
+
+
+@dataclass
+class Cell:
+    """One variant's timings in one benchmark run: samples (ms or tokens/s, the caller's unit), its last
+    prefill's seconds and the extra bytes its POP state holds."""
+
+    variant: str
+    times: list = field(default_factory=list)
+    prefill_s: float = float("nan")
+    extra_bytes: int = 0
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else float("nan")
 
 
 class StepStamps(LogitsProcessor):
@@ -23,8 +67,6 @@ class StepStamps(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         if self.sync:
-            import torch
-
             torch.cuda.synchronize()
         self.t.append(time.perf_counter())
         return scores
@@ -35,4 +77,4 @@ class StepStamps(LogitsProcessor):
         return (len(t) - 1) / max(t[-1] - t[0], 1e-9) if len(t) > 1 else float("nan")
 
 
-__all__ = ["StepStamps"]
+__all__ = ["Cell", "Clock", "StepStamps"]

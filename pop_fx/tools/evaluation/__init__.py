@@ -32,7 +32,7 @@ Files: ``methods.py`` (names), ``text.py`` (windows), ``decode.py`` (one teacher
 """
 
 from pop_fx.tools.evaluation.baselines import masks_from_scores, random_scores, wanda_sp_scores
-from pop_fx.tools.evaluation.cli import add_arguments, run
+from pop_fx.tools.evaluation.cli import SHARED_FLAGS, add_arguments, run
 from pop_fx.tools.evaluation.decode import RowOutputs, decode_rows
 from pop_fx.tools.evaluation.harness import BACKENDS, agreement_check, evaluate
 from pop_fx.tools.evaluation.methods import (DEFAULT_GAMMAS, DEFAULT_METHODS, DEFAULT_SPARSITIES, METHOD_NAMES,
@@ -41,7 +41,7 @@ from pop_fx.tools.evaluation.results import EvalResult, MethodResult
 from pop_fx.tools.evaluation.text import ByteTokenizer, Window, default_text_path, make_windows
 
 __all__ = [
-    "BACKENDS", "DEFAULT_GAMMAS", "DEFAULT_METHODS", "DEFAULT_SPARSITIES", "METHOD_NAMES", "PROXY_METHODS",
+    "BACKENDS", "SHARED_FLAGS", "DEFAULT_GAMMAS", "DEFAULT_METHODS", "DEFAULT_SPARSITIES", "METHOD_NAMES", "PROXY_METHODS",
     "ByteTokenizer", "EvalResult", "Method", "MethodResult", "RowOutputs", "Window", "add_arguments",
     "agreement_check", "decode_rows", "default_text_path", "evaluate", "make_windows", "masks_from_scores",
     "parse_methods", "random_scores", "run", "wanda_sp_scores",

@@ -11,7 +11,13 @@ from pop_fx.tools.evaluation.methods import DEFAULT_GAMMAS, DEFAULT_METHODS, DEF
 from pop_fx.tools.evaluation.text import ByteTokenizer
 
 
-def _floats(s: str) -> list[float]:
+SHARED_FLAGS = ("model", "prefill", "dtype", "json")
+"""The shared flags (pop_fx.tools.cli) eval reads: r comes from --sparsities (or --total-reductions), γ from the
+methods and --gammas, and the scope from --batch-size ("sequence" when > 1)."""
+
+
+def float_list(s: str) -> list[float]:
+    """``"0.2,0.3"`` -> [0.2, 0.3] (an argparse type)."""
     try:
         return [float(x) for x in s.split(",") if x.strip()]
     except ValueError:
@@ -19,18 +25,14 @@ def _floats(s: str) -> list[float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``pop-fx eval`` flags.
-
-    Of pop_fx.tools.cli's shared flags eval reads --model, --dtype, --prefill and --json;
-    --sparsity and --candidate-ratio are replaced by the lists --sparsities and
-    --gammas, and the scope follows --batch-size ("sequence" when > 1).
-    """
+    """``pop-fx eval`` flags, beside the shared ones of ``SHARED_FLAGS``."""
     g = parser.add_argument_group("evaluation")
     g.add_argument("--text", default=None, help="text file to cut windows from (default: the World English Bible sample packaged with pop-fx, pop_fx/data/web_bible_sample.txt)")
     g.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of {', '.join(METHOD_NAMES)} (default %(default)s)")
-    g.add_argument("--sparsities", type=_floats, default=list(DEFAULT_SPARSITIES), help="FFN sparsities r, comma-separated (default %(default)s)")
-    g.add_argument("--total-reductions", type=_floats, default=None, help="instead of --sparsities: total decoder-parameter reductions, converted per model (pop_fx.tools.budget)")
-    g.add_argument("--gammas", type=_floats, default=list(DEFAULT_GAMMAS), help="γ values the method 'pop' expands to (default %(default)s)")
+    g.add_argument("--sparsities", "--sparsity", dest="sparsities", type=float_list, default=list(DEFAULT_SPARSITIES),
+                   help="FFN sparsities r, comma-separated: every method runs at each (default %(default)s)")
+    g.add_argument("--total-reductions", type=float_list, default=None, help="instead of --sparsities: total decoder-parameter reductions, converted per model (pop_fx.tools.budget)")
+    g.add_argument("--gammas", type=float_list, default=list(DEFAULT_GAMMAS), help="γ values the method 'pop' expands to (default %(default)s)")
     g.add_argument("--windows", type=int, default=32, help="evaluation windows (default %(default)s)")
     g.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per window (default %(default)s)")
     g.add_argument("--cont-len", type=int, default=128, help="continuation tokens per window, fed one per decode step (default %(default)s)")

@@ -26,27 +26,62 @@ def test_unknown_dtype_rejected():
         cli.build_parser().parse_args(["demo", "--dtype", "float64"])
 
 
-def test_demo_rate_is_decode_tokens_per_second():
-    import types
-
-    import torch
-
-    from pop_fx.tools.demo import _generate
-    from pop_fx.tools.models import tiny_model
-
-    tok = lambda text, return_tensors=None: types.SimpleNamespace(input_ids=torch.tensor([[5, 6, 7, 8]]))  # noqa: E731
-    ids, rate = _generate(tiny_model("llama"), tok, "x", 4)
-    assert ids.shape == (8,) and rate > 0 and rate == rate
+class _Stop(Exception):
+    """Raised by a stub where the command would start measuring: the test has seen what it needed."""
 
 
-def test_demo_lines_align_every_setting_label():
-    from pop_fx.tools.demo import format_rows
+@pytest.mark.parametrize("command", ["eval", "frontier"])
+@pytest.mark.parametrize("flag", [["--scope", "sequence"], ["--candidate-ratio", "0.2"]])
+def test_eval_and_frontier_do_not_offer_flags_they_would_ignore(command, flag, capsys):
+    # eval's γ comes from its methods and --gammas, frontier's from --settings/--methods; both take the scope
+    # from --batch-size. A flag that is shown and then ignored is refused instead.
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([command, *flag])
+    assert "unrecognized arguments" in capsys.readouterr().err
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices[command].format_help()
+    assert "--scope" not in help_text and "--candidate-ratio" not in help_text
 
-    setting = lambda label, tps: dict(label=label, tokens_per_s=tps, agreement=0.5, greedy_tokens_equal=0.25,  # noqa: E731
-                                      text=" x")
-    rows = [dict(prompt="p", dense_tokens_per_s=20.0, dense=" d",
-                 settings=[setting("r=0.5 γ=0.1", 25.0), setting("r=0.5 γ=2 int8-values", 24.0)])]
-    lines = [line for line in format_rows(rows) if line.startswith("  ")]
-    assert len(lines) == 3
-    assert len({line.index("[") for line in lines}) == 1  # one column for every bracket
-    assert "1.25x dense" in lines[1] and "1.20x dense" in lines[2]
+
+def test_eval_sparsity_runs_that_sparsity_only(monkeypatch):
+    import pop_fx.tools.evaluation.cli as eval_cli
+
+    seen = {}
+
+    def evaluate(model, tokenizer, text, **kw):
+        seen.update(kw)
+        raise _Stop
+
+    monkeypatch.setattr(eval_cli, "evaluate", evaluate)
+    with pytest.raises(_Stop):
+        cli.main(["eval", "--model", "llama", "--sparsity", "0.3", "--no-progress"])
+    assert seen["sparsities"] == [0.3]
+
+
+def test_frontier_sparsity_measures_that_sparsity_only(monkeypatch):
+    import pop_fx.tools.frontier.cli as frontier_cli
+
+    seen = {}
+
+    def frontier(model, tokenizer, text, settings, budget, **kw):
+        seen["settings"] = settings
+        raise _Stop
+
+    monkeypatch.setattr(frontier_cli, "frontier", frontier)
+    with pytest.raises(_Stop):
+        cli.main(["frontier", "--model", "llama", "--sparsity", "0.3", "--methods", "static,pop-0.1", "--no-cache",
+                  "--no-progress"])
+    assert [(s.method, s.sparsity) for s in seen["settings"]] == [("dense", 0.0), ("static", 0.3), ("pop-0.1", 0.3)]
+
+
+def test_every_option_of_every_subcommand_has_help():
+    parser = cli.build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            assert action.help, f"pop-fx {name} {'/'.join(action.option_strings) or action.dest} has no help text"
+
+
+def test_shared_flags_are_checked():
+    import argparse
+
+    with pytest.raises(ValueError, match="unknown"):
+        cli.add_shared_arguments(argparse.ArgumentParser(), flags=("model", "spars"))

@@ -122,3 +122,10 @@ def test_gpt2_conv1d_site(capsys):
 def test_bad_prompt_len():
     with pytest.raises(ValueError, match="prompt_len=1"):
         inspect(tiny_model("llama"), prompt_len=1)
+
+
+def test_the_paper_comparison_is_one_line_with_a_pointer(llama):
+    _, rep = llama
+    lines = [line for line in str(rep).splitlines() if "paper" in line]
+    assert len(lines) == 1, lines
+    assert "+2.85%" in lines[0] and "+3.48%" in lines[0] and "docs/design.md" in lines[0]
