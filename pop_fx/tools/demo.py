@@ -1,7 +1,7 @@
 """Dense vs POP greedy generation on SmolLM2 through torch.compile, with token agreement and speed.
 
 By default three columns side by side: dense, a setting that keeps SmolLM2's text sensible (``--also``,
-chosen from the measured frontier: README "Choosing a setting") and the requested ``--sparsity`` (0.5),
+chosen from the measured frontier: docs/choosing.md) and the requested ``--sparsity`` (0.5),
 so the quality–speed trade-off is on one screen. Dense runs under stock Inductor, POP under
 ``backend="pop"`` (each compiled in place, warmed up once, then timed), so tokens/s compares like with
 like; ``--no-compile`` shows the eager reference. A line per phase, with the seconds elapsed, goes to
@@ -19,10 +19,9 @@ DEFAULT_PROMPTS = ("The capital of France is",)
 MODEL_HELP = ("'smollm2', or a local HF folder or .gguf file that has a tokenizer (the demo prints text; the tiny "
               "random families have none) (default %(default)s)")
 
-# From `pop-fx frontier --quick` on SmolLM2 (README "Choosing a setting", Inductor, 2 threads): the fastest setting
-# within 1.25x dense perplexity is the int8-values method at r=0.5 (perplexity 1.22x, agreement 0.77, 1.13x dense
-# decode speed), where POP at r=0.5 is 4.1x and 0.48 (its text loops) and POP's lowest sparsity (0.2) was 1.36x
-# but no faster than dense.
+# From `pop-fx frontier --quick` on SmolLM2 (docs/choosing.md, Inductor, 2 threads): the fastest setting within
+# 1.25x dense perplexity on 2026-12-01 was the int8-values method at r=0.5 (perplexity 1.22x, agreement 0.77), where
+# POP at r=0.5 is 4.1x and 0.48 (its text loops). Its speed against dense depends on the machine's memory.
 SENSIBLE = "0.5:2:int8-values"
 
 
@@ -203,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"POP sites: {report.counts()}")
     if also is not None:
         print(f"{setting_label(also)}: a setting whose text stays sensible on SmolLM2 "
-              f"(README 'Choosing a setting'; `pop-fx frontier` measures yours)")
+              f"(docs/choosing.md; `pop-fx frontier` measures yours)")
     for line in format_rows(rows):
         print(line)
     print("\ntok/s: decode tokens/s between the first and last new token (prefill excluded; compiled: one run after a "

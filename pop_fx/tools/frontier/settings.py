@@ -10,8 +10,8 @@ from typing import Any, Iterable
 
 QUICK = dict(
     # The int8-values method (one op per site, no layouts) at two sparsities; not the int8/int3 proxies: their
-    # CPU decode is slower than dense (docs/benchmarks.md, proxy-scored candidates), and under --lowering eager one warm-up
-    # of the int3 proxy alone took >13 min on 2 shared cores.
+    # CPU decode is slower than dense (docs/benchmarks.md, "Proxy-scored candidates"), and their eager warm-up
+    # alone is too slow for a quick run.
     settings="static@0.2,pop-0.1@0.3,pop-0.1@0.5,full@0.5,proxy-values-2@0.5,proxy-values-2@0.6",
     windows=16, prompt_len=64, cont_len=48, new_tokens=24, rounds=3,
 )

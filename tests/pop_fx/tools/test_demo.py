@@ -34,7 +34,7 @@ def test_demo_also_setting():
     assert parse_also("0.3", base) == base.replace(sparsity=0.3)
     assert parse_also("none", base) is None
     assert parse_also("0.5:2:int8-values", base) == base.replace(candidate_ratio=2.0, candidate_proxy="int8-values")
-    assert parse_also(SENSIBLE, base).candidate_proxy == "int8-values"  # the frontier's pick (README)
+    assert parse_also(SENSIBLE, base).candidate_proxy == "int8-values"  # the frontier's pick (docs/choosing.md)
     for bad in ("x:1", "1.5:0.1", "0.5:2:int4", "0.5:2:int8:x"):
         with pytest.raises(ValueError):
             parse_also(bad, base)
