@@ -14,7 +14,7 @@ is arithmetic, not bytes (README "Speed" says what it costs).
 
 * ``decode_seq_reference`` — plain torch (the CPU path, traced by Inductor, and the CUDA default);
 * ``kernels="triton"`` on CUDA — the same masked product through ``splitk_gemv``'s split-K GEMV (each
-  weight read once for up to 16 rows, coalesced along d_ff).
+  weight read once for up to ``BLOCK_B`` rows, coalesced along d_ff; bias and cast in its finishing launch).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from pop_fx.ops.layout import CONV1D  # Conv1D stores Wd as [d_ff, d_out]
-from pop_fx.ops.splitk_gemv import gemv_triton, triton
+from pop_fx.ops.decode import triton_serves
+from pop_fx.ops.splitk_gemv import gemv_triton
 from pop_fx.partition import candidate_topk
 
 
@@ -61,10 +62,8 @@ def decode_seq_reference(h: Tensor, wd: Tensor, bd: Tensor | None, wd_norm: Tens
 @torch.library.triton_op("pop::decode_seq", mutates_args=())
 def decode_seq(h: Tensor, wd: Tensor, bd: Tensor | None, wd_norm: Tensor, rc_idx: Tensor, n_R: int, n_select: int,
                flags: int, kernels: int = 0) -> Tensor:
-    if kernels == 1 and h.device.type == "cuda" and triton is not None and not flags & CONV1D and h.shape[0] <= 16:
-        y = gemv_triton(_masked(h, wd_norm, rc_idx, n_R, n_select), wd, launch=torch.library.wrap_triton)
-        if bd is not None:
-            y = y + bd
+    if kernels == 1 and not flags & CONV1D and triton_serves(h.reshape(h.shape[0], -1)):
+        y = gemv_triton(_masked(h, wd_norm, rc_idx, n_R, n_select), wd, launch=torch.library.wrap_triton, bias=bd)
         return y.reshape(*h.shape[:-1], y.shape[-1])
     return decode_seq_reference(h, wd, bd, wd_norm, rc_idx, n_R, n_select, flags)
 

@@ -13,15 +13,17 @@ a step at batch B and top-k is the B·k (token, expert) *pairs*, whatever the ro
     out      = Σ_k  y · top_k_weights, after a gather back to (token, k) order [B, H]
 
 The two grouped GEMVs (``grouped_gemv``) read each pair's expert layout in place, one contiguous block per
-expert: ``torch._grouped_mm`` on the CPU (groups = experts, offsets from the sorted pairs; an expert a step
-does not route to is never read), the Triton kernel ``_pair_gemv_kernel`` on CUDA (one program per
-(pair, row block)), and a gather + ``bmm`` anywhere else (copies the pairs' blocks: correct, not fast).
+expert: ``torch._grouped_mm`` (groups = experts, offsets from the sorted pairs; an expert a step does not route
+to is never read) on the CPU, and on CUDA where torch has its fast kernel (bf16 on sm_90, aligned); the Triton
+kernel ``_pair_gemv_kernel`` on CUDA otherwise and with ``kernels="triton"`` (one program per (pair, row block);
+pairs past the last offset are skipped, as the grouped paths skip them); a gather + ``bmm`` anywhere else
+(copies the pairs' blocks: correct, not fast).
 Under ``scope="sequence"`` no layout exists (one per sequence would multiply expert memory by the batch):
 gate/up and down run over the expert's whole weights and the pair's own R ∪ C is gathered from the result.
 
 ``empty_expert="dense"`` marks experts that got no prefill token as dense (all channels): their pairs run a
 second grouped GEMV pair over the original weights, in which every other pair is sorted past the last offset
-and so computes nothing (still fixed shapes, no host sync).
+and so computes nothing on the grouped and Triton paths (still fixed shapes, no host sync).
 
 ``experts_decode_loop`` is the loop over experts this op replaces (host syncs, data-dependent shapes): the
 reference the tests compare it with, with the eager reference's math (``pop_fx.reference``).
@@ -29,21 +31,14 @@ reference the tests compare it with, with the eager reference's math (``pop_fx.r
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from pop_fx import partition as P
 from pop_fx.activations import activation as activation_fn
+from pop_fx.ops._triton import tl, triton
 from pop_fx.ops.layout import expert_in_rows
-
-try:  # triton is a Linux-only dependency; the CPU path never needs it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
 
 # --------------------------------------------------------------------------------------------
 # grouped GEMV over per-expert weight blocks: one call for all pairs
@@ -90,15 +85,37 @@ def _aligned(t: Tensor) -> bool:
     return t.data_ptr() % 16 == 0  # also catches a memory-mapped checkpoint's unaligned storage
 
 
+def _mm_aligned(x: Tensor, wt: Tensor) -> bool:
+    es = x.element_size()
+    return all((s * es) % 16 == 0 for s in (*x.stride()[:-1], *wt.stride()[:-2], wt.stride(-1), wt.shape[-1])) \
+        and x.stride(-1) == 1 and wt.stride(-2) == 1 and _aligned(x) and _aligned(wt)
+
+
+def cuda_gemv_path(kernels: int, dtype: torch.dtype, capability: tuple[int, int], aligned: bool,
+                   has_triton: bool) -> str:
+    """Which kernel ``grouped_gemv`` runs on CUDA: "grouped_mm" (torch's, reads each expert block in place),
+    "triton" (``_pair_gemv_kernel``, reads in place too), or "bmm" (copies every pair's block: last resort)."""
+    if kernels == 1 and has_triton:
+        return "triton"
+    if dtype == torch.bfloat16 and tuple(capability)[0] == 9 and aligned:
+        return "grouped_mm"
+    return "triton" if has_triton else "bmm"
+
+
 def grouped_gemv(x: Tensor, w: Tensor, expert: Tensor, offs: Tensor, kernels: int = 0) -> Tensor:
     """y[p] = w[expert[p]] @ x[p] for pairs sorted by expert: x [P, K], w [E, N, K] -> [P, N] (x's dtype).
 
-    Rows p >= offs[-1] are not computed on the grouped paths (their value is undefined); ``expert`` must then
-    name an expert in range anyway (the bmm path computes them)."""
-    if kernels == 1 and x.device.type == "cuda" and triton is not None:
-        return pair_gemv_triton(x, w, expert, launch=torch.library.wrap_triton)
+    Rows p >= offs[-1] are not computed on the grouped and Triton paths (their value is undefined); ``expert``
+    must then name an expert in range anyway (the bmm path computes them)."""
     wt = w.transpose(1, 2)  # [E, K, N]: a view, the expert blocks stay where they are
-    if _grouped_mm_ok(x, wt):
+    if x.device.type == "cuda":
+        path = cuda_gemv_path(kernels, x.dtype, torch.cuda.get_device_capability(x.device), _mm_aligned(x, wt),
+                              triton is not None)
+        if path == "triton":
+            return pair_gemv_triton(x, w, expert, offs, launch=torch.library.wrap_triton)
+        if path == "grouped_mm":
+            return torch._grouped_mm(x, wt, offs=offs)
+    elif _grouped_mm_ok(x, wt):
         return torch._grouped_mm(x, wt, offs=offs)
     return torch.bmm(w.index_select(0, expert), x.unsqueeze(-1)).squeeze(-1)
 
@@ -140,34 +157,45 @@ PAIR_BLOCK_K = 128  # 256 contiguous bytes of a weight row per load (bf16): whol
 if triton is not None:
 
     @triton.jit
-    def _pair_gemv_kernel(x_ptr, w_ptr, e_ptr, y_ptr, N, K, stride_xp, stride_we, stride_wn, stride_yp,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _pair_gemv_kernel(x_ptr, w_ptr, e_ptr, offs_ptr, y_ptr, N, K, E, stride_xp, stride_we, stride_wn, stride_yp,
+                          HAS_OFFS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         p = tl.program_id(0)
         nb = tl.program_id(1)
+        if HAS_OFFS:  # pairs sorted past the last expert's offset compute nothing (and read no weights)
+            live = p < tl.load(offs_ptr + E - 1)
+        else:
+            live = p >= 0
+        k_end = tl.where(live, K, 0)
+        n_end = tl.where(live, N, 0)
         e = tl.load(e_ptr + p).to(tl.int64)
         rows = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, k_end, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             xv = tl.load(x_ptr + p * stride_xp + cols, mask=cols < K, other=0.0).to(tl.float32)
             wv = tl.load(w_ptr + e * stride_we + rows[:, None] * stride_wn + cols[None, :],
                          mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0).to(tl.float32)
             acc += tl.sum(wv * xv[None, :], axis=1)
-        tl.store(y_ptr + p * stride_yp + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
+        tl.store(y_ptr + p * stride_yp + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < n_end)
 
 
-def pair_gemv_triton(x: Tensor, w: Tensor, expert: Tensor, launch=None) -> Tensor:
-    """One launch for all pairs: y[p] = w[expert[p]] @ x[p]; x [P, K], w [E, N, K] (rows contiguous)."""
+def pair_gemv_triton(x: Tensor, w: Tensor, expert: Tensor, offs: Tensor | None = None, launch=None,
+                     out: Tensor | None = None) -> Tensor:
+    """One launch for all pairs: y[p] = w[expert[p]] @ x[p]; x [P, K], w [E, N, K] (rows contiguous). With
+    ``offs`` (the grouped paths' [E] cumulative counts) rows p >= offs[-1] are left unwritten, as there (``out``,
+    a contiguous [P, N] buffer, receives the rows; the tests poison it)."""
     x = x.contiguous()
     if w.stride(-1) != 1:
         w = w.contiguous()
     Pn, K = x.shape
-    N = w.shape[1]
-    y = torch.empty(Pn, N, dtype=x.dtype, device=x.device)
+    E, N = w.shape[0], w.shape[1]
+    y = torch.empty(Pn, N, dtype=x.dtype, device=x.device) if out is None else out
     grid = (Pn, triton.cdiv(N, PAIR_BLOCK_N))
     kernel = _pair_gemv_kernel if launch is None else launch(_pair_gemv_kernel)
-    kernel[grid](x, w, expert.contiguous(), y, N, K, x.stride(0), w.stride(0), w.stride(1), y.stride(0),
-                 BLOCK_N=PAIR_BLOCK_N, BLOCK_K=PAIR_BLOCK_K)
+    expert = expert.contiguous()
+    kernel[grid](x, w, expert, offs.contiguous() if offs is not None else expert, y, N, K, E, x.stride(0),
+                 w.stride(0), w.stride(1), y.stride(0), HAS_OFFS=offs is not None, BLOCK_N=PAIR_BLOCK_N,
+                 BLOCK_K=PAIR_BLOCK_K)
     return y
 
 
@@ -379,6 +407,7 @@ def experts_decode_loop(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tens
     return final
 
 
-__all__ = ["experts_decode", "experts_decode_loop", "experts_decode_pairs", "grouped_gemv", "grouped_gemv_op",
+__all__ = ["cuda_gemv_path", "experts_decode", "experts_decode_loop", "experts_decode_pairs", "grouped_gemv",
+           "grouped_gemv_op",
            "keep_top_candidates", "layout_decode_grouped", "pair_gemv_reference", "pair_gemv_triton", "route_pairs",
            "combine"]

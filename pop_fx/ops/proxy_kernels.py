@@ -17,8 +17,9 @@ Kernels:
 
 * ``_proxy_int8_kernel`` — grid (⌈n_C / BLOCK_C⌉, SPLIT, ⌈B / BLOCK_B⌉). A program reads the gate row and the up
   row of BLOCK_C gathered channels over one K slab (``k_per_split`` columns) in [BLOCK_C, BLOCK_K] int8 tiles
-  through a ``NUM_STAGES``-deep software pipeline (``tl.range``), weights evict-first and the activations
-  evict-last, and multiplies on the tensor cores (``tl.dot``: int8 values are exact in bf16/fp16, the batch padded
+  through a ``NUM_STAGES``-deep software pipeline (``tl.range``: ``cp.async`` copies into shared memory; the loads
+  ask for evict-first weights and evict-last activations, hints Triton 3.9 lowers onto those copies and Triton 3.6,
+  the GPU machine's, drops: checked in the sm_90 test's PTX), and multiplies on the tensor cores (``tl.dot``: int8 values are exact in bf16/fp16, the batch padded
   to BLOCK_B = 16 rows; the GEMV is memory-bound, the padding costs no HBM bytes).
 * ``_proxy_int3_kernel`` — the same over ``lowbit.pack_int3``'s planes ([n, 3, D8] uint8, x zero-padded to
   8·D8): a tile is BLOCK_J bytes of each of the 3 planes of the gate and up rows; bit i of byte j is element
@@ -56,16 +57,10 @@ channel (36 KB at 1B γ0.1) in ⌈n_C / 256⌉ programs.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-try:  # triton is a Linux-only dependency; the CPU path never needs it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
+from pop_fx.ops._triton import INTERPRET, sm_count, tl, triton
 
 # Tuning constants, each with its reason (ahead-of-time sm_90 compiles: no spills at any of them):
 BLOCK_C = 32  # channels a program: gate + up tiles of 32 × 256 int8 = 16 KB a stage
@@ -79,13 +74,6 @@ BLOCK_B = 16  # tl.dot's smallest M; batches up to 16 share one read of the prox
 TILES = {(False, False): (256, 4), (False, True): (64, 5), (True, False): (32, 5), (True, True): (16, 5)}
 PROGRAMS_PER_SM = 2
 BLOCK_F = 256  # the finishing kernel's channels a program (it reads SPLIT·B·2·4 bytes per channel)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # the interpreter on a CPU: an H100/H200's count, so the grid matches the GPU's
 
 
 def tiles_for(int3: bool, dtype: torch.dtype) -> tuple[int, int]:
@@ -317,10 +305,10 @@ def proxy_scores_triton(x2: Tensor, q: Tensor, s: Tensor, c_idx: Tensor, wd_norm
     else:
         n_k = q.shape[1]
     block_k, stages = tiles_for(int3, x2.dtype)
-    n_cb, split, n_bb, k_per_split = plan(n_C, B, n_k, block_k, _sm_count(x2.device))
+    n_cb, split, n_bb, k_per_split = plan(n_C, B, n_k, block_k, sm_count(x2.device))
     fused = split == 1 and n_bb == 1
     part = out if fused else torch.empty(split, 2 if both else 1, B, n_C, dtype=torch.float32, device=x2.device)
-    ieee, upcast = x2.dtype == torch.float32, _INTERPRET
+    ieee, upcast = x2.dtype == torch.float32, INTERPRET
     common = dict(ACT=act, BOTH=both, FUSED=fused, KEYS=keys, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, NUM_STAGES=stages,
                   IEEE=ieee, UPCAST=upcast)
     wrap = launch if launch is not None else (lambda k: k)

@@ -8,18 +8,49 @@ import torch
 from pop_fx import partition as P
 from pop_fx.lowbit import pack_int3, quantize_rows, quantize_rows_int3
 from pop_fx.ops.decode import decode_reference, decode_triton
+from pop_fx.ops.experts_decode import pair_gemv_reference, pair_gemv_triton
 from pop_fx.ops.proxy_kernels import proxy_scores_triton
 from pop_fx.ops.proxy_select import proxy_activation, proxy_select_triton
 from pop_fx.ops.rows_gemv import rows_gemv_triton
-from pop_fx.ops.splitk_gemv import gemv_triton, select_triton
+from pop_fx.ops.splitk_gemv import SELECT_MAX, gemv_triton, select_fits, select_triton
 
 out = []
 
 
-def record(kernel, dtype, shape, got, ref):
+class Grids:
+    """A ``launch`` wrapper that records each kernel's name and grid (the ops pass ``torch.library.wrap_triton``)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, kernel):
+        rec = self
+
+        class _Launch:
+            def __getitem__(self, grid):
+                rec.calls.append((kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, tuple(grid)))
+                return kernel[grid]
+
+        return _Launch()
+
+
+class AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten ops a call runs (outside the kernels, which the interpreter runs on numpy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+def record(kernel, dtype, shape, got, ref, **extra):
     got, ref = got.double(), ref.double()
-    out.append(dict(kernel=kernel, dtype=str(dtype), shape=shape, err=(got - ref).abs().max().item(),
-                    scale=ref.abs().max().item(), nan=bool(torch.isnan(got).any())))
+    err = (got - ref).abs().max().item() if got.numel() else 0.0
+    out.append(dict(kernel=kernel, dtype=str(dtype), shape=shape, err=err, scale=ref.abs().max().item() if ref.numel()
+                    else 0.0, nan=bool(torch.isnan(got).any()), **extra))
 
 
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -29,6 +60,16 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = torch.randn(B, K, generator=g).to(dtype)
         w = torch.randn(N, K, generator=g).to(dtype)
         record("gemv", dtype, [B, N, K], gemv_triton(x, w), x.double() @ w.double().t())
+    # the fused form: x narrower than the (padded) weight, a candidate mask over columns n_R.., a bias
+    for B, N, Kx, K, n_R in [(1, 70, 45, 48, 20), (3, 33, 300, 304, 0), (16, 131, 129, 144, 100), (2, 9, 1000, 1008, 999)]:
+        g = torch.Generator().manual_seed(B * 3 + N + K)
+        x = torch.randn(B, Kx, generator=g).to(dtype)
+        w = torch.randn(N, K, generator=g).to(dtype)
+        m = (torch.rand(Kx - n_R, generator=g) < 0.5).float()
+        bias = torch.randn(N, generator=g).to(dtype)
+        xm = torch.cat([x.double()[:, :n_R], x.double()[:, n_R:] * m.double()], -1)
+        record("gemv_masked", dtype, [B, N, Kx, K, n_R], gemv_triton(x, w, mask=m, n_R=n_R, bias=bias),
+               xm @ w.double()[:, :Kx].t() + bias.double())
     # select: exactly the top-k set of partition.select, ties (integer activations) and NaN included
     for B, n_R, n_C, k, ties in [(1, 5, 13, 6, False), (3, 0, 40, 20, True), (2, 7, 100, 1, True), (1, 2, 9, 8, False)]:
         g = torch.Generator().manual_seed(n_C * 7 + k)
@@ -51,15 +92,32 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         wn = torch.rand(n_C, generator=g) + 0.1
         record("decode", dtype, [B, n_R, n_C, N, k], decode_triton(h, wd_rc, None, wn, n_R, k),
                decode_reference(h.double(), wd_rc.double(), None, wn, n_R, k))
-    for B, n, K, k in [(1, 70, 37, 13), (3, 50, 130, 50), (2, 9, 200, 1)]:
+    # rows GEMV at batch 1, 3 and 8 (one program reads its rows once for the whole batch: the grid has one batch
+    # block up to 16 rows, two at 17) and 17
+    for B, n, K, k in [(1, 70, 37, 13), (3, 50, 130, 50), (8, 9, 200, 1), (8, 100, 64, 70), (17, 40, 48, 33)]:
         g = torch.Generator().manual_seed(n * 10 + K)
         x = torch.randn(B, K, generator=g).to(dtype)
         w = torch.randn(n, K, generator=g).to(dtype)
         rows = torch.randperm(n, generator=g)[:k]
-        record("rows_gemv", dtype, [B, n, K, k], rows_gemv_triton(x, w, rows), x.double() @ w.double()[rows].t())
+        grids = Grids()
+        record("rows_gemv", dtype, [B, n, K, k], rows_gemv_triton(x, w, rows, launch=grids),
+               x.double() @ w.double()[rows].t(), grids=grids.calls)
         q, s = quantize_rows(w)
         record("rows_gemv_int8", dtype, [B, n, K, k], rows_gemv_triton(x, q, rows, s, torch.float32),
                x.double() @ (q.double() * s.double()[:, None])[rows].t())
+    # pair GEMV with the grouped paths' offsets: pairs past offs[-1] (the dense-expert pass's non-dense pairs) are
+    # neither computed nor written (a poisoned output keeps its NaN there)
+    for P_, E, N, K, live in [(5, 3, 70, 45, 3), (8, 4, 37, 130, 8), (6, 2, 9, 7, 0)]:
+        g = torch.Generator().manual_seed(P_ * 7 + K)
+        x = torch.randn(P_, K, generator=g).to(dtype)
+        w = torch.randn(E, N, K, generator=g).to(dtype)
+        e = torch.randint(0, E, (P_,), generator=g).sort().values
+        offs = torch.full((E,), live, dtype=torch.int32)
+        y = torch.full((P_, N), float("nan"), dtype=dtype)
+        pair_gemv_triton(x, w, e, offs, out=y)
+        ref = pair_gemv_reference(x.double(), w.double(), e)
+        record("pair_gemv_offs", dtype, [P_, E, N, K, live], y[:live], ref[:live],
+               skipped_untouched=bool(torch.isnan(y[live:]).all()))
     # the fused proxy-scoring kernel (int8 rows and int3 bit planes) against proxy_activation + candidate_scores in
     # float64 from the same inputs, and its selection against candidate_topk's. Shapes: K below one tile (one launch)
     # and spanning several (split-K + the finishing kernel), K not a multiple of the tile, n_C odd, gate-only,
@@ -97,4 +155,30 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             got = proxy_select_triton(x, q, s, c, wn, k, d_ff, 3).sort().values
             out.append(dict(kernel=f"proxy_select_{fmt}", dtype=str(dtype), shape=[B, d, d_ff, n_C, k],
                             err=0.0 if torch.equal(got, want) else 1e9, scale=0.0, nan=False))
+# pop::decode's Triton path as three launches (select, GEMV, finish) and no torch op between them: the mask is
+# applied as the GEMV loads h, the split sum, bias and cast are the finishing kernel's (was: mul, cat, pad, sum, to)
+for dtype in (torch.float32, torch.bfloat16):
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(3, 1, 61, generator=g).to(dtype)
+    wd_rc = torch.randn(40, 64, generator=g).to(dtype)
+    wn, bd = torch.rand(41, generator=g) + 0.1, torch.randn(40, generator=g).to(dtype)
+    grids, ops = Grids(), AtenOps()
+    with ops:
+        y = decode_triton(h, wd_rc, bd, wn, 20, 9, launch=grids)
+    record("decode_launches", dtype, [3, 20, 41, 40, 9], y, decode_reference(h.double(), wd_rc.double(), bd.double(),
+                                                                           wn, 20, 9),
+           kernels=[name for name, _ in grids.calls], aten=sorted(set(ops.ops)))
+# a 7B model's down projection at γ 0.6 (n_C 8602 > SELECT_MAX: torch.topk ranks, the fused GEMV projects): only
+# the band's width matters here, so d_model is small and odd
+sizes = P.partition_sizes(14336, 0.5, 0.6)
+assert not select_fits(sizes.n_C) and sizes.n_C > SELECT_MAX
+for dtype in (torch.float32, torch.bfloat16):
+    g = torch.Generator().manual_seed(7)
+    n_rc = sizes.n_R + sizes.n_C
+    h = torch.randn(2, 1, n_rc, generator=g).to(dtype)
+    wd_rc = torch.randn(37, n_rc + (-n_rc) % 16, generator=g).to(dtype)
+    wn = torch.rand(sizes.n_C, generator=g) + 0.1
+    record("decode_wide_band", dtype, [2, sizes.n_R, sizes.n_C, 37, sizes.n_select],
+           decode_triton(h, wd_rc, None, wn, sizes.n_R, sizes.n_select),
+           decode_reference(h.double(), wd_rc.double(), None, wn, sizes.n_R, sizes.n_select))
 json.dump(out, sys.stdout)

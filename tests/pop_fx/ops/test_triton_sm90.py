@@ -1,5 +1,8 @@
 """Every Triton kernel compiles ahead of time for Hopper (sm_90) at the block sizes the launchers use, spills
-nothing, and (the split-K GEMV) is software-pipelined as intended — checks that need no GPU.
+nothing, is software-pipelined where it streams weights, ranks with an exact square root, and says in its PTX
+which eviction hints survive — checks that need no GPU, under both Triton versions the project supports: the
+installed one (3.9 here) and 3.6, the GPU machine's (``test_every_check_passes_under_triton_3_6`` runs this file
+again in a subprocess with Triton 3.6 first on the path: ``_triton36.py``).
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` gives TTGIR and PTX on this CPU machine;
 Triton's bundled ``ptxas-blackwell`` assembles the PTX for sm_90a and reports registers, spills and barriers.
@@ -10,6 +13,7 @@ and what they cost in registers. Neither measures speed (examples/gpu_check.py d
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -17,12 +21,18 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pop_fx.ops import rows_gemv, splitk_gemv as S  # noqa: E402
+from pop_fx.ops import rows_gemv as RG, splitk_gemv as S  # noqa: E402
+
+import _triton36  # noqa: E402  (tests/pop_fx/ops is on sys.path: rootdir conftest-less import mode)
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1" or not os.path.exists(PTXAS),
                                 reason="needs triton's bundled ptxas-blackwell and a compiling (not interpreting) triton")
 DIV16 = [["tt.divisibility", 16]]  # what Triton's JIT infers for 16-byte-aligned pointers and strides
+TRITON = ".".join(triton.__version__.split(".")[:2])
+# Whether Triton lowers a load's eviction_policy onto the cp.async copies of a pipelined loop (PTX
+# ``cp.async...L2::cache_hint`` with a ``createpolicy...evict_first`` policy): 3.9 does, 3.6 drops the hint.
+HINTS_ON_ASYNC_COPIES = {"3.6": False, "3.9": True}
 
 
 def _compile(fn, signature, constexprs, aligned, num_warps=4, tmp_path=None):
@@ -39,42 +49,101 @@ def _compile(fn, signature, constexprs, aligned, num_warps=4, tmp_path=None):
     return k, regs, spills
 
 
+def _exact_root(ptx):
+    """Kernels that rank must take torch's (correctly rounded) square root: an approximate one moves near-ties."""
+    assert "sqrt.approx" not in ptx and "sqrt.rn.f32" in ptx
+
+
+def _weights_evict_first(ptx):
+    """The weights' evict-first hint is in the PTX of their async copies exactly where this Triton lowers it.
+    (An activation tile that cannot be copied asynchronously — an unaligned row — is a plain ``ld.global``, which
+    keeps its evict-last hint under both versions.)"""
+    if TRITON not in HINTS_ON_ASYNC_COPIES:
+        pytest.skip(f"eviction-hint lowering not recorded for triton {TRITON}")
+    assert "cp.async.cg.shared.global" in ptx
+    lowered = HINTS_ON_ASYNC_COPIES[TRITON]
+    assert ("createpolicy.fractional.L2::evict_first" in ptx) == lowered
+    assert ("cp.async.cg.shared.global.L2::cache_hint" in ptx) == lowered
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
-def test_splitk_gemv_compiles_for_sm90_pipelined_without_spills(dtype, tmp_path):
-    sig = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "part_ptr": "*fp32", "B": "i32", "N": "i32", "K": "i32",
-           "stride_xb": "i32", "stride_wn": "i32", "k_per_split": "i32", "BLOCK_B": "constexpr",
-           "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "NUM_STAGES": "constexpr", "IEEE": "constexpr",
-           "UPCAST": "constexpr"}
-    cst = dict(BLOCK_B=S.BLOCK_B, BLOCK_N=S.BLOCK_N, BLOCK_K=S.BLOCK_K, NUM_STAGES=S.NUM_STAGES,
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+@pytest.mark.parametrize("x_aligned", [False, True], ids=["x-any", "x-aligned"])
+def test_splitk_gemv_compiles_for_sm90_pipelined_without_spills(dtype, masked, x_aligned, tmp_path):
+    import torch
+
+    sig = {"x_ptr": f"*{dtype}", "m_ptr": "*fp32", "w_ptr": f"*{dtype}", "part_ptr": "*fp32", "B": "i32", "N": "i32",
+           "K": "i32", "Kx": "i32", "n_R": "i32", "stride_xb": "i32", "stride_wn": "i32", "k_per_split": "i32",
+           "MASKED": "constexpr", "BLOCK_B": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+           "NUM_STAGES": "constexpr", "IEEE": "constexpr", "UPCAST": "constexpr"}
+    block_k, warps = S.gemv_tile({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
+    cst = dict(MASKED=masked, BLOCK_B=S.BLOCK_B, BLOCK_N=S.BLOCK_N, BLOCK_K=block_k, NUM_STAGES=S.NUM_STAGES,
                IEEE=dtype == "fp32", UPCAST=False)
-    # wd_rc's rows are padded to 16 elements (layout.ROW_ALIGN) and the activations to the same width, so K and
-    # both strides are multiples of 16, as is k_per_split (a multiple of BLOCK_K)
-    k, regs, spills = _compile(S._gemv_kernel, sig, cst, ["x_ptr", "w_ptr", "part_ptr", "K", "stride_xb", "stride_wn",
-                                                         "k_per_split"],
-                               tmp_path=tmp_path)
+    # wd_rc's rows are padded to 16 elements (layout.ROW_ALIGN), so K and its stride are multiples of 16, as is
+    # k_per_split (a multiple of BLOCK_K); x's width, row stride and n_R are whatever the step's h has (h over
+    # R ∪ C is n_R + n_C wide): Triton's JIT specializes on both cases
+    aligned = ["x_ptr", "m_ptr", "w_ptr", "part_ptr", "K", "stride_wn", "k_per_split"]
+    aligned += ["stride_xb", "Kx", "n_R"] if x_aligned else []
+    k, regs, spills = _compile(S._gemv_kernel, sig, cst, aligned, num_warps=warps, tmp_path=tmp_path)
     assert spills == [0, 0] and regs <= 255
     ttgir = k.asm["ttgir"]
-    # the weight and activation tiles stream through NUM_STAGES shared-memory buffers with async copies
-    assert ttgir.count("ttg.async_copy_global_to_local") >= 2 and "ttg.async_wait" in ttgir
+    # the weight and activation (and mask) tiles stream through NUM_STAGES shared-memory buffers with async copies
+    assert ttgir.count("ttg.async_copy_global_to_local") >= (3 if masked else 2) and "ttg.async_wait" in ttgir
     if dtype != "fp32":  # tensor-core products (the batch padded to 16 rows); fp32 keeps exact FMA products
+        assert "mma" in ttgir
+    _weights_evict_first(k.asm["ptx"])
+
+
+def test_gemv_finish_kernel_compiles_for_sm90_without_spills(tmp_path):
+    sig = {"part_ptr": "*fp32", "bias_ptr": "*bf16", "y_ptr": "*bf16", "BN": "i32", "N": "i32", "SPLIT": "i32",
+           "HAS_BIAS": "constexpr", "BLOCK_F": "constexpr"}
+    _, regs, spills = _compile(S._gemv_finish_kernel, sig, dict(HAS_BIAS=True, BLOCK_F=S.BLOCK_F),
+                               ["part_ptr", "bias_ptr", "y_ptr"], tmp_path=tmp_path)
+    assert spills == [0, 0] and regs <= 255
+
+
+@pytest.mark.parametrize("block", [1024, 2048, 4096, 8192])
+def test_select_compiles_for_sm90_without_spills_and_ranks_exactly(block, tmp_path):
+    sig = {"h_ptr": "*bf16", "wn_ptr": "*fp32", "mask_ptr": "*fp32", "B": "i32", "n_R": "i32", "n_C": "i32",
+           "k": "i32", "stride_hb": "i32", "BLOCK_C": "constexpr"}
+    k, regs, spills = _compile(S._select_kernel, sig, {"BLOCK_C": block}, ["h_ptr", "wn_ptr", "mask_ptr"],
+                               num_warps=S.select_warps(block), tmp_path=tmp_path)
+    assert spills == [0, 0] and regs <= 255
+    _exact_root(k.asm["ptx"])
+
+
+@pytest.mark.parametrize("w_dtype,x_dtype,y_dtype,scale", [("bf16", "bf16", "bf16", False), ("i8", "bf16", "fp32", True),
+                                                           ("fp32", "fp32", "fp32", False)])
+def test_rows_gemv_compiles_for_sm90_pipelined_without_spills(w_dtype, x_dtype, y_dtype, scale, tmp_path):
+    sig = {"x_ptr": f"*{x_dtype}", "w_ptr": f"*{w_dtype}", "s_ptr": "*fp32", "rows_ptr": "*i64", "y_ptr": f"*{y_dtype}",
+           "B": "i32", "n_rows": "i32", "K": "i32", "stride_xb": "i32", "stride_w": "i32", "stride_yb": "i32",
+           "HAS_SCALE": "constexpr", "BLOCK_B": "constexpr", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr",
+           "NUM_STAGES": "constexpr", "IEEE": "constexpr"}
+    import torch
+
+    block_k, warps = RG.rows_tile(torch.float32 if x_dtype == "fp32" else torch.bfloat16)
+    cst = dict(HAS_SCALE=scale, BLOCK_B=RG.BLOCK_B, BLOCK_R=RG.BLOCK_R, BLOCK_K=block_k, NUM_STAGES=RG.NUM_STAGES,
+               IEEE=x_dtype == "fp32")
+    # K is d_model (a multiple of 16 in every model: Triton's JIT marks it so), and the rows' strides with it
+    k, regs, spills = _compile(RG._rows_gemv_kernel, sig, cst, ["x_ptr", "w_ptr", "s_ptr", "rows_ptr", "y_ptr", "K",
+                                                                "stride_xb", "stride_w"], num_warps=warps, tmp_path=tmp_path)
+    assert spills == [0, 0] and regs <= 255
+    ttgir = k.asm["ttgir"]
+    # the gathered weight rows and the batch's x stream through shared-memory stages: one read for all rows
+    assert ttgir.count("ttg.async_copy_global_to_local") >= 2 and "ttg.async_wait" in ttgir
+    if x_dtype != "fp32":
         assert "mma" in ttgir
 
 
-@pytest.mark.parametrize("block", [1024, 2048, 8192])
-def test_select_compiles_for_sm90_without_spills(block, tmp_path):
-    sig = {"h_ptr": "*bf16", "wn_ptr": "*fp32", "mask_ptr": "*fp32", "B": "i32", "n_R": "i32", "n_C": "i32",
-           "k": "i32", "stride_hb": "i32", "BLOCK_C": "constexpr"}
-    _, regs, spills = _compile(S._select_kernel, sig, {"BLOCK_C": block}, ["h_ptr", "wn_ptr", "mask_ptr"],
-                               num_warps=max(4, min(16, block // 256)), tmp_path=tmp_path)
-    assert spills == [0, 0] and regs <= 255
+def test_pair_gemv_compiles_for_sm90_without_spills(tmp_path):
+    from pop_fx.ops import experts_decode as X
 
-
-def test_rows_gemv_compiles_for_sm90_without_spills(tmp_path):
-    sig = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "rows_ptr": "*i64", "y_ptr": "*fp32", "n_rows": "i32",
-           "K": "i32", "stride_xb": "i32", "stride_w": "i32", "stride_yb": "i32", "HAS_SCALE": "constexpr",
-           "BLOCK_R": "constexpr", "BLOCK_K": "constexpr"}
-    _, regs, spills = _compile(rows_gemv._rows_gemv_kernel, sig, {"HAS_SCALE": True, "BLOCK_R": 32, "BLOCK_K": 128},
-                               ["x_ptr", "w_ptr", "s_ptr", "rows_ptr", "y_ptr", "stride_w"], tmp_path=tmp_path)
+    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "e_ptr": "*i64", "offs_ptr": "*i32", "y_ptr": "*bf16", "N": "i32",
+           "K": "i32", "E": "i32", "stride_xp": "i32", "stride_we": "i32", "stride_wn": "i32", "stride_yp": "i32",
+           "HAS_OFFS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    _, regs, spills = _compile(X._pair_gemv_kernel, sig, dict(HAS_OFFS=True, BLOCK_N=X.PAIR_BLOCK_N,
+                                                              BLOCK_K=X.PAIR_BLOCK_K),
+                               ["x_ptr", "w_ptr", "y_ptr", "stride_xp", "stride_we", "stride_wn"], tmp_path=tmp_path)
     assert spills == [0, 0] and regs <= 255
 
 
@@ -115,6 +184,10 @@ def test_proxy_kernel_compiles_for_sm90_pipelined_without_spills(int3, dtype, fu
     assert ttgir.count("ttg.async_copy_global_to_local") >= n_loads and "ttg.async_wait" in ttgir
     assert f"memdesc<{stages - 1}x{PK.BLOCK_C}x{block}xi8" in ttgir
     assert "nvidia_mma" in ttgir
+    if fused:  # the one-launch variant scores and ranks
+        _exact_root(k.asm["ptx"])
+    if not int3:
+        _weights_evict_first(k.asm["ptx"])
 
 
 def test_proxy_finish_kernel_compiles_for_sm90_without_spills(tmp_path):
@@ -123,9 +196,26 @@ def test_proxy_finish_kernel_compiles_for_sm90_without_spills(tmp_path):
     sig = {"part_ptr": "*fp32", "s_ptr": "*fp32", "c_ptr": "*i64", "wn_ptr": "*fp32", "out_ptr": "*fp32", "B": "i32",
            "n_C": "i32", "d_ff": "i32", "SPLIT": "i32", "ACT": "constexpr", "BOTH": "constexpr", "KEYS": "constexpr",
            "BLOCK_F": "constexpr"}
-    _, regs, spills = _compile(PK._proxy_finish_kernel, sig, dict(ACT=1, BOTH=True, KEYS=True, BLOCK_F=PK.BLOCK_F),
+    k, regs, spills = _compile(PK._proxy_finish_kernel, sig, dict(ACT=1, BOTH=True, KEYS=True, BLOCK_F=PK.BLOCK_F),
                                ["part_ptr", "s_ptr", "c_ptr", "wn_ptr", "out_ptr"], tmp_path=tmp_path)
     assert spills == [0, 0] and regs <= 255
+    _exact_root(k.asm["ptx"])
+
+
+def test_every_check_passes_under_triton_3_6(tmp_path):
+    """This file again with Triton 3.6 (the GPU machine's) first on the path: the select kernel spilled at 8192
+    lanes there (48 bytes) while it compiled clean with 3.9."""
+    if _triton36.is_current():
+        pytest.skip("this is the Triton 3.6 run")
+    env = _triton36.env()
+    env.pop("PYTEST_XDIST_WORKER", None)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           "-W", "ignore::UserWarning", __file__, "-k", "not under_triton_3_6",
+                           "--basetemp", str(tmp_path / "t36")], cwd=_triton36.ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "3.6" in subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"], env=env,
+                                   capture_output=True, text=True).stdout
 
 
 def test_inductor_sees_the_proxy_kernels_write_only_their_output():
