@@ -118,9 +118,23 @@ class _Proxy:
         return h * z[:, d_ff:] if self.q.shape[0] == 2 * d_ff else h
 
 
+def activation_code(act_fn) -> int | None:
+    """The index in ``pop_fx.activations.ACTIVATIONS`` of the function ``act_fn`` computes (probed on [-6, 6]), or
+    None. Callers that copy an FFN's activation into their own kernels (the proxy, the serving layouts) ask here."""
+    from pop_fx.activations import ACTIVATIONS, activation
+
+    probe = torch.linspace(-6, 6, 97)
+    with torch.no_grad():
+        ref = act_fn(probe)
+    for code in range(len(ACTIVATIONS)):
+        if torch.allclose(activation(code)(probe), ref, atol=1e-6, rtol=1e-5):
+            return code
+    return None
+
+
 def proxy_support(site: FFNSite) -> tuple[torch.Tensor, torch.Tensor, int] | str:
     """(gate weight, up weight, activation index) of a site the candidate proxy handles, or why not."""
-    from pop_fx.activations import ACTIVATIONS, activation
+    from pop_fx.activations import ACTIVATIONS
 
     if site.kind not in ("gated", "shared_expert") or len(site.inputs) != 2:
         return f"candidate_proxy: {site.kind} site (gated FFNs with separate gate and up projections only)"
@@ -131,13 +145,8 @@ def proxy_support(site: FFNSite) -> tuple[torch.Tensor, torch.Tensor, int] | str
     act_fn = getattr(site.module, "act_fn", None) or getattr(site.module, "activation_fn", None)
     if act_fn is None:
         return "candidate_proxy: the FFN module has no act_fn"
-    probe = torch.linspace(-6, 6, 97)
-    with torch.no_grad():
-        ref = act_fn(probe)
-    for code in range(len(ACTIVATIONS)):
-        if torch.allclose(activation(code)(probe), ref, atol=1e-6, rtol=1e-5):
-            break
-    else:
+    code = activation_code(act_fn)
+    if code is None:
         return "candidate_proxy: activation not one of " + ", ".join(ACTIVATIONS)
     up = names[1 - names.index(gate[0])]
     return getattr(site.module, gate[0]).weight, getattr(site.module, up).weight, code

@@ -55,8 +55,8 @@ from torch import nn
 
 from pop_fx import partition as P
 from pop_fx.config import PopConfig
-from pop_fx.ops.ragged_decode import keep_mask
 from pop_fx.ops.ragged_prefill import ragged_prefill
+from pop_fx.serving.ragged_decode import keep_mask
 from pop_fx.serving.phases import DECODE, DENSE, LAST, PREFILL
 
 ENV = "POP_FX_VLLM"
@@ -136,7 +136,7 @@ class PopVllmMLP(nn.Module):
             if st.first_chunk_slots:
                 self.sumsq[st.first_chunk_slots] = 0
             e = self.empty
-            ragged_prefill(h, st.slot, st.phase, self.wd_norm, self.sumsq, self.rc_idx, self.wd_norm_c,
+            ragged_prefill(h, st.slot, st.phase <= LAST, st.phase == LAST, self.wd_norm, self.sumsq, self.rc_idx, self.wd_norm_c,
                            e, e, m.down_proj.weight, e, e, e, sz.n_keep, sz.n_R, sz.n_C)
         # The masked activations go through vLLM's own down projection (its all-reduce under TP).
         mask = keep_mask(h, st.slot, st.phase, self.wd_norm, self.rc_idx, sz.n_R, sz.n_select)

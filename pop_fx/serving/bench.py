@@ -35,7 +35,7 @@ def bytes_table(model, tok, concurrency: list[int], config: PopConfig, steps: in
     """Per decode step and layer, channels read: dense, one batch-shared partition, per-request partitions
     (the union of the batch's rows over the shared weights: what a gathered-row kernel reads), and per-request
     with per-slot layouts (each row reads its own slot's R ∪ C copy)."""
-    from pop_fx.ops.ragged_decode import keep_mask
+    from pop_fx.serving.ragged_decode import keep_mask
     from pop_fx.serving.engine import Engine, Request, Spec
 
     d_model = model.config.hidden_size

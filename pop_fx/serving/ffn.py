@@ -28,13 +28,14 @@ import torch
 from torch import Tensor, nn
 
 from pop_fx import partition as P
-from pop_fx.activations import ACTIVATIONS, activation
+from pop_fx.activations import ACTIVATIONS
 from pop_fx.config import PopConfig
 from pop_fx.ops import layout
-from pop_fx.ops.ragged_decode import ragged_decode
-from pop_fx.ops.ragged_decode_layout import ragged_decode_grouped
-from pop_fx.ops.ragged_prefill import fix_partitions, ragged_prefill
-from pop_fx.serving.phases import DECODE
+from pop_fx.ops.ragged_prefill import ragged_prefill
+from pop_fx.reference import activation_code
+from pop_fx.serving.phases import DECODE, LAST, PREFILL
+from pop_fx.serving.ragged_decode import ragged_decode
+from pop_fx.serving.ragged_decode_layout import ragged_decode_grouped
 
 
 @dataclass
@@ -52,6 +53,10 @@ class StepInfo:
     """[T] the rows sorted by slot (stable), once per step for every layer's grouped GEMVs (``layouts=True``)"""
     inverse: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     """[T] the position of each row in ``order`` (back to the step's row order)"""
+    acc: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    """[T] bool: rows whose h² adds to their slot's Σh² (PREFILL or LAST; set on steps with a prefill row)"""
+    last: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    """[T] bool: LAST rows, whose slot fixes its partition after the step (set on steps with a prefill row)"""
 
     def set(self, slot: Tensor, phase: Tensor, has_prefill: bool | None = None) -> "StepInfo":
         self.slot = slot.to(torch.long)
@@ -59,17 +64,10 @@ class StepInfo:
         self.has_prefill = bool((phase != DECODE).any()) if has_prefill is None else has_prefill
         self.order = torch.argsort(self.slot, stable=True)
         self.inverse = torch.argsort(self.order)
+        if self.has_prefill:
+            self.last = self.phase == LAST
+            self.acc = (self.phase == PREFILL) | self.last
         return self
-
-
-def _act_code(act_fn) -> int:
-    probe = torch.linspace(-6, 6, 97)
-    with torch.no_grad():
-        ref = act_fn(probe)
-    for code in range(len(ACTIVATIONS)):
-        if torch.allclose(activation(code)(probe), ref, atol=1e-6, rtol=1e-5):
-            return code
-    raise ValueError(f"RaggedPopFFN: activation {act_fn!r} is not one of {list(ACTIVATIONS)}")
 
 
 class RaggedPopFFN(nn.Module):
@@ -89,7 +87,9 @@ class RaggedPopFFN(nn.Module):
             raise ValueError(f"max_slots={max_slots!r} is invalid: allowed an integer >= 1")
         self.mlp = mlp
         self.step = step
-        self.act = _act_code(mlp.act_fn)
+        self.act = activation_code(mlp.act_fn)
+        if self.act is None:
+            raise ValueError(f"RaggedPopFFN: activation {mlp.act_fn!r} is not one of {list(ACTIVATIONS)}")
         wg, wd = mlp.gate_proj.weight, mlp.down_proj.weight
         d_ff, d_model = wg.shape
         self.sizes = P.partition_sizes(d_ff, config.sparsity, config.candidate_ratio)
@@ -176,7 +176,7 @@ class RaggedPopFFN(nn.Module):
             return y.reshape(*shape[:-1], y.shape[-1])
         h = m.act_fn(m.gate_proj(x2)) * m.up_proj(x2)
         if st.has_prefill:
-            ragged_prefill(h, st.slot, st.phase, self.wd_norm, self.sumsq, self.rc_idx, self.wd_norm_c,
+            ragged_prefill(h, st.slot, st.acc, st.last, self.wd_norm, self.sumsq, self.rc_idx, self.wd_norm_c,
                            m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, self.w_in, self.b_in,
                            self.wd_rc, sz.n_keep, sz.n_R, sz.n_C)
         # plain torch (fixed shapes): the compiled step fuses the scoring and the mask around one GEMM

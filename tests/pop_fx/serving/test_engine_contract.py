@@ -62,9 +62,9 @@ def test_a_leak_between_slots_is_caught(llama, monkeypatch):
 
     real = rp.accumulate
 
-    def leaky(h, slot, phase, sumsq):
-        real(h, slot, phase, sumsq)
-        real(h, (slot + 1) % sumsq.shape[0], phase, sumsq)  # every row also lands in the next slot
+    def leaky(h, slot, acc, sumsq):
+        real(h, slot, acc, sumsq)
+        real(h, (slot + 1) % sumsq.shape[0], acc, sumsq)  # every row also lands in the next slot
 
     monkeypatch.setattr(rp, "accumulate", leaky)
     cfg = PopConfig(sparsity=0.6, candidate_ratio=0.2)

@@ -152,7 +152,7 @@ def test_compiled_ragged_ffn_equals_eager():
 def test_grouped_layout_decode_equals_the_per_row_loop(slots, seed, n_select):
     """``ragged_decode_grouped`` (sorted rows, one grouped GEMV per projection, fixed shapes) gives every row what
     the per-row loop over its slot's layout gives, in any slot order, repeated slots included."""
-    from pop_fx.ops.ragged_decode_layout import ragged_decode_grouped, ragged_decode_layout_reference
+    from pop_fx.serving.ragged_decode_layout import ragged_decode_grouped, ragged_decode_layout_reference
 
     mlp, f, step = _ffn(slots=5, layouts=True)
     g = torch.Generator().manual_seed(seed)
@@ -178,7 +178,7 @@ def test_grouped_layout_decode_compiles_without_host_sync_and_equals_eager():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))
     from _host_sync import NoHostSync
 
-    from pop_fx.ops.ragged_decode_layout import ragged_decode_grouped
+    from pop_fx.serving.ragged_decode_layout import ragged_decode_grouped
 
     mlp, f, step = _ffn(slots=4, layouts=True)
     for s in range(4):

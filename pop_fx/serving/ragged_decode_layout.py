@@ -25,8 +25,15 @@ from torch import Tensor
 
 from pop_fx.activations import activation
 from pop_fx.ops.decode import decode_reference
-from pop_fx.ops.experts_decode import _offsets, layout_decode_grouped
+from pop_fx.ops.experts_decode import layout_decode_grouped
 from pop_fx.serving.phases import DECODE
+
+
+def slot_offsets(sorted_slots: Tensor, num_slots: int) -> Tensor:
+    """[num_slots] int32 end of each slot's run in ``sorted_slots`` (the ``offs`` of a grouped GEMV; a binary
+    search: no scatter, no host sync)."""
+    slots = torch.arange(num_slots, device=sorted_slots.device, dtype=sorted_slots.dtype)
+    return torch.searchsorted(sorted_slots, slots, right=True, out_int32=True)
 
 
 def ragged_decode_grouped(x: Tensor, slot: Tensor, phase: Tensor, w_in: Tensor, wd_rc: Tensor, wd_norm_c: Tensor,
@@ -40,7 +47,7 @@ def ragged_decode_grouped(x: Tensor, slot: Tensor, phase: Tensor, w_in: Tensor, 
         order = torch.argsort(slot, stable=True)
         inverse = torch.argsort(order)
     s = slot.index_select(0, order)
-    y = layout_decode_grouped(x.index_select(0, order), w_in, wd_rc, s, _offsets(s, w_in.shape[0]),
+    y = layout_decode_grouped(x.index_select(0, order), w_in, wd_rc, s, slot_offsets(s, w_in.shape[0]),
                               wd_norm_c.index_select(0, s), n_R, n_select, activation(act))
     y = y.index_select(0, inverse)
     return torch.where((phase == DECODE)[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
@@ -61,4 +68,4 @@ def ragged_decode_layout_reference(x: Tensor, slot: Tensor, phase: Tensor, w_in:
     return y
 
 
-__all__ = ["ragged_decode_grouped", "ragged_decode_layout_reference"]
+__all__ = ["ragged_decode_grouped", "ragged_decode_layout_reference", "slot_offsets"]
