@@ -1,53 +1,59 @@
-"""One prepared GPU run of pop-fx's CUDA decode path: correctness, kernel speed, an FFN stack, kernel counts.
+"""One prepared GPU run of pop-fx that decides the CUDA defaults within one short lease (~8 minutes with the start).
 
-Run it on the device machine (an H200, torch 2.11 / triton 3.6, no internet) from the source tree:
+Run it on the device machine (an H200, torch 2.11 / triton 3.6 / transformers 5.17, Python 3.12, no internet) from
+the source tree, with a timeout of about 380 s:
 
     OUT=$OUT PYTHONPATH=. python examples/gpu_check.py
 
-It is sized to finish in about 5-7 minutes and stops starting new work after ``--budget`` seconds (default 420);
-give the run a timeout of about 540 s (under 9 minutes) so that a hang still returns what was written. Results go
-to ``$OUT/gpu_check.jsonl`` (``--out`` overrides), one JSON object a line, flushed as it goes: a timeout keeps
-every finished line. Each record has ``section`` and ``status`` ("ok", "error" or "skipped"); an exception in one
-item or section is written as an ``error`` record (with its traceback) and the run goes on.
+It starts no new item past ``--budget`` seconds of work (default 300) and writes ``$OUT/gpu_check.jsonl`` (``--out``
+overrides), one JSON object a line, flushed as it goes, so a timeout keeps every finished line. Each record has
+``section`` and ``status`` ("ok", "error" or "skipped"); an exception in one item is an ``error`` record with its
+traceback and the run goes on. The exit status is 1 if any record is an error or a failed correctness check.
 
-Sections, in order:
+Sections, in the order that decides defaults first (docs/gpu.md has the same list and how to read it):
 
-* ``env``          — torch / triton / transformers / Python versions, GPU name, SMs, L2, memory.
-* ``copy``         — measured device-to-device copy bandwidth (bytes read + written per second): the ceiling the
-                     kernels' GB/s are compared with.
-* ``correctness``  — every decode op of ``pop_fx.ops`` (decode, decode_seq, proxy_select, gather_in, decode_sel,
-                     experts_decode) and the Triton kernels themselves (split-K GEMV, select, rows GEMV, the fused
-                     proxy-scoring kernel on int8 rows and int3 bit planes with its launch plan), with
-                     kernels=triton and kernels=torch, at the 1B shape (d 2048, d_ff 5632) and a 7B shape (d 4096,
-                     d_ff 14336), bf16, batch 1 and 8, against a float64 reference (``pass`` per record).
-* ``cuda_tests``   — the test suite's CUDA-only tests (``pytest -k cuda``, if pytest is installed there).
-* ``timing``       — CUDA-event micro-timings of the same kernels (eager launches, and replayed from a CUDA graph
-                     so that launch overhead is excluded), each call on the next of several weight sets that
-                     together exceed L2 three times (no L2 hits), beside dense cuBLAS ``F.linear`` over all d_ff
-                     channels and a contiguous GEMV over exactly n_keep channels (the best POP could do); achieved
-                     GB/s and the fraction of the copy ceiling. The proxy op (int8 and int3, γ 0.1 and a 0.6 band)
-                     beside rows_gemv's gathered GEMV of the same rows (its former CUDA body).
-* ``stack``        — an 8-layer 1B-shaped FFN stack (``pop_fx.tools.bench.FFNStack``), one decode step: dense
-                     Inductor vs POP (r=0.5, γ=0.1, kernels "auto"), batch 1 and 8, without and with CUDA graphs
-                     (``mode="reduce-overhead"``), then POP with kernels="triton" while the budget lasts; the
-                     issue's targets beside the speedups, and under CUDA graphs Inductor's counters of skipped
-                     graphs and of inputs copied on every replay.
-* ``profile``      — a ``torch.profiler`` count of the kernels one decode step launches, per layer, dense and POP.
-* ``done``         — wall time and the number of error records.
+* ``env``         — torch / triton / transformers / Python versions, GPU, SMs, L2, memory; ``nvidia-smi`` clocks,
+                    temperature, power and throttle reasons.
+* ``ceiling``     — the read-only memory bandwidth (a sum over a buffer far larger than L2: bytes read / s; a
+                    copy's read + write GB/s beside it). Every GB/s below is compared with the read-only figure.
+* ``stack``       — an 8-layer 1B-shaped FFN stack, one decode step, per cell (CUDA graphs on/off × batch 1/8,
+                    graphs first) the variants back to back: dense Inductor, POP kernels="torch", POP
+                    kernels="triton" (and ``AUTOTUNED``, a hook for kernels="auto" once it means Inductor's
+                    autotuner). Each variant's decode output is checked against the same POP graph run eagerly
+                    (``lowering="eager"``, torch ops) or, for dense, the uncompiled model; compile time, median
+                    step, GB/s, speedup over dense and the targets; Inductor's "assuming every input is mutated"
+                    warnings counted while compiling; under CUDA graphs the skipped-graph and copied-input counters.
+* ``profile``     — kernel-only times of one decode step per variant from one profiler pass over a CUDA-graph
+                    replay (batch 1): the GEMVs, the select and the small launches, separately.
+* ``registers``   — registers, spills and shared memory of every Triton kernel as compiled on the device.
+* ``moe``         — an OLMoE-like MoE stack (64 experts, top-8, d 2048, d_ff 1024, Qwen3-MoE blocks), dense
+                    Inductor vs POP: decode step at batch 1 and a 512-token prefill (POP's partition and layout
+                    copies included: the TTFT cost).
+* ``llama7b``     — a 7B-shaped Llama (d 4096, d_ff 14336, 2 layers, random weights) end to end: ``generate()``
+                    time to first token and decode ms/token, dense Inductor vs POP.
+* ``correctness`` — in a subprocess (a sticky CUDA error there voids nothing here): every decode op and Triton
+                    kernel at the 1B and 7B shapes, batch 1 and 8, against float64.
+* ``timing``      — CUDA-event micro-timings of the kernels on rotating weight sets (no L2 hits), eager and from
+                    a CUDA graph, beside dense cuBLAS and the contiguous n_keep GEMV.
+* ``cuda_tests``  — the suite's CUDA-only tests (``pytest -k cuda``), in a subprocess, last.
+* ``drift``       — the ceiling and ``nvidia-smi`` again: how far the machine moved during the run.
+* ``done``        — wall time, error count, failed correctness checks and the targets as measured.
 
-``--tiny`` (automatic without CUDA) runs the same sections on tiny shapes on the CPU, the Triton kernels under
-``TRITON_INTERPRET=1`` (set before triton is imported) and every timing a couple of iterations, so CI keeps this
-script working (``tests/pop_fx/test_gpu_check.py``).
+``--tiny`` (automatic without CUDA) runs every section on tiny shapes on the CPU, the Triton kernels under
+``TRITON_INTERPRET=1`` (set before triton is imported) and each timing a couple of iterations, so CI keeps this
+script working (``tests/pop_fx/test_gpu_check.py``) and fails on any error record.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -62,8 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU, Triton under its interpreter")
     p.add_argument("--out", default=None, help="output folder (default $OUT, else the current folder)")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds after which no new item starts (default 420 on a GPU, 900 with --tiny)")
+                   help="seconds after which no new item starts (default 300 on a GPU, 900 with --tiny)")
     p.add_argument("--sections", default=None, help="comma-separated subset of the sections (default all)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # a subprocess section: append, no done
     return p.parse_args(argv)
 
 
@@ -76,7 +83,7 @@ if TINY:  # before triton is imported anywhere: kernels defined from here on run
 
     torch._inductor.config.compile_threads = 1  # no compile-worker pool to start for a few tiny graphs
 DEVICE = "cpu" if TINY else "cuda"
-BUDGET = ARGS.budget if ARGS.budget is not None else (900.0 if TINY else 420.0)
+BUDGET = ARGS.budget if ARGS.budget is not None else (900.0 if TINY else 300.0)
 
 import torch.nn.functional as F  # noqa: E402
 
@@ -86,18 +93,27 @@ SHAPES = {"tiny": (64, 256), "tiny-odd": (96, 352)} if TINY else {"1b": (2048, 5
 BATCHES = (1, 8)
 STACK_LAYERS = 2 if TINY else 8
 STACK_SHAPE = (64, 256) if TINY else (2048, 5632)
-# (CUDA graphs, batch, variants) cells of the stack, in order: the dense-vs-POP cells first, then POP with the
-# Triton kernels (each variant is one compile of the stack). On the CPU two cells cover both code paths.
-_MAIN = ("dense-inductor", "pop")
-STACK_CELLS = (((False, 1, _MAIN), (True, 8, _MAIN)) if TINY else
-               ((False, 1, _MAIN), (True, 1, _MAIN), (False, 8, _MAIN), (True, 8, _MAIN),
-                (False, 1, ("pop-triton",)), (False, 8, ("pop-triton",)), (True, 1, ("pop-triton",)),
-                (True, 8, ("pop-triton",))))
+# (CUDA graphs, batch) cells of the stack, in the order they decide defaults: a serving decode step runs under CUDA
+# graphs at batch 1 first. Every variant of a cell runs back to back (one compile each), so a cell compares like
+# with like on one machine state.
+STACK_CELLS = ((True, 1), (True, 8), (False, 1), (False, 8))
+VARIANTS = ("dense", "pop-torch", "pop-triton", "autotuned")
+# The hook for the autotuned variant: None until PopConfig(kernels="auto") means Inductor's autotuner choosing
+# between the torch and Triton decode kernels; then the PopConfig fields (e.g. dict(kernels="auto")) that select it.
+AUTOTUNED = None
+MOE_SHAPE = "tiny" if TINY else "olmoe"  # pop_fx.tools.bench_moe.MOE_SHAPES: d 2048, 64 experts of 1024, top-8
+MOE_LAYERS = 2 if TINY else 4
+LLAMA = (dict(hidden_size=64, intermediate_size=352, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+         if TINY else dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                           vocab_size=32000))
+LLAMA_LAYERS = 2
 # bf16: one rounding of the output at its scale (fp32 accumulation everywhere), twice for slack; a wrong candidate
 # row moves an output by |h_c|·|Wd[:, c]| ~ 3/sqrt(d_ff) of the scale, several times this.
 TOL = {torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -12}
+STACK_TOL = 2.0 ** -6  # the compiled stack against its eager run: 8 layers of bf16 residual adds, fused differently
 L2_BYTES = 50 * 2**20
-COPY_GBPS = None  # measured by the copy section
+CEIL_GBPS = None  # the read-only ceiling, measured by the ceiling section
+MUTATED_WARNING = "assuming every input is mutated"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,28 +136,34 @@ def _clean(v):
 
 
 class Log:
-    def __init__(self, path):
+    def __init__(self, path, append=False):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.path = path
-        self.f = open(path, "w")
+        if not append:
+            open(path, "w").close()
+        self.f = open(path, "a")  # append mode: a subprocess section's lines land after ours, never overwritten
         self.errors = 0
         self.targets = []  # the issue's targets as measured: one short line each, repeated in the done record
         self.failed = []  # correctness records that did not pass
 
-    def write(self, section, status="ok", **fields):
-        rec = _clean(dict(section=section, status=status, t=round(time.perf_counter() - T0, 2), **fields))
-        if status == "error":
+    def count(self, rec):
+        if rec.get("status") == "error":
             self.errors += 1
         if "target_met" in rec:
             self.targets.append({k: rec.get(k) for k in ("section", "name", "variant", "shape", "batch", "cuda_graphs",
-                                                         "target_met", "frac_of_copy", "speedup_vs_dense", "ratio")
+                                                         "target_met", "frac_of_ceiling", "speedup_vs_dense", "ratio")
                                  if rec.get(k) is not None})
         if rec.get("pass") is False:
-            self.failed.append({k: rec.get(k) for k in ("name", "shape", "batch", "kernels", "rel_err", "mismatched")})
+            self.failed.append({k: rec.get(k) for k in ("section", "name", "variant", "shape", "batch", "kernels",
+                                                        "rel_err", "mismatched") if rec.get(k) is not None})
+
+    def write(self, section, status="ok", **fields):
+        rec = _clean(dict(section=section, status=status, t=round(time.perf_counter() - T0, 2), **fields))
+        self.count(rec)
         self.f.write(json.dumps(rec, default=str) + "\n")
         self.f.flush()
         os.fsync(self.f.fileno())
-        brief = {k: v for k, v in rec.items() if k not in ("traceback", "samples", "kernels")}
+        brief = {k: v for k, v in rec.items() if k not in ("traceback", "samples", "kernels", "top")}
         print(json.dumps(brief, default=str)[:400], flush=True)
 
     def error(self, section, exc, **fields):
@@ -150,7 +172,7 @@ class Log:
 
 
 OUT_DIR = ARGS.out or os.environ.get("OUT") or "."
-LOG = Log(os.path.join(OUT_DIR, "gpu_check.jsonl"))
+LOG = Log(os.path.join(OUT_DIR, "gpu_check.jsonl"), append=ARGS.child)
 
 try:  # the library: a failure here is still a record
     import pop_fx  # noqa: F401  (registers the pop:: ops)
@@ -187,14 +209,38 @@ def guarded(section, fn, *args, **fields):
         return None
 
 
+def budget_left(section, need, **fields) -> bool:
+    """Whether an item estimated at ``need`` seconds (GPU; a fifth of it with --tiny) still fits; else a skip record."""
+    need = need / 5 if TINY else need
+    if remaining() >= need:
+        return True
+    LOG.write(section, "skipped", reason="budget", needed_s=need, remaining_s=remaining(), **fields)
+    return False
+
+
 def sync():
     if DEVICE == "cuda":
         torch.cuda.synchronize()
 
 
 # ------------------------------------------------------------------------------------------------
-# env and the copy ceiling
+# env, the read-only ceiling, drift
 # ------------------------------------------------------------------------------------------------
+
+
+def nvidia_smi() -> dict:
+    """Clocks, temperature, power and throttle reasons as the card reports them (read only: nothing is set)."""
+    fields = ("clocks.sm", "clocks.mem", "clocks.max.sm", "temperature.gpu", "power.draw", "power.limit",
+              "clocks_throttle_reasons.active", "utilization.gpu")
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return dict(nvidia_smi=f"unavailable: {exc}")
+    if out.returncode != 0:
+        return dict(nvidia_smi=f"exit {out.returncode}: {out.stderr.strip()[:200]}")
+    vals = [v.strip() for v in out.stdout.strip().splitlines()[0].split(",")]
+    return dict(zip((f.replace(".", "_") for f in fields), vals))
 
 
 def section_env():
@@ -207,9 +253,11 @@ def section_env():
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    import numpy
+
     rec = dict(torch=torch.__version__, triton=triton_version, transformers=transformers.__version__,
-               python=platform.python_version(), cuda_runtime=torch.version.cuda, tiny=TINY, device=DEVICE,
-               triton_interpret=os.environ.get("TRITON_INTERPRET"), budget_s=BUDGET, shapes=SHAPES,
+               numpy=numpy.__version__, python=platform.python_version(), cuda_runtime=torch.version.cuda, tiny=TINY,
+               device=DEVICE, triton_interpret=os.environ.get("TRITON_INTERPRET"), budget_s=BUDGET, shapes=SHAPES,
                stack=dict(shape=STACK_SHAPE, layers=STACK_LAYERS), r=R, gamma=GAMMA, dtype=str(DTYPE),
                cpu_threads=torch.get_num_threads())
     if CUDA:
@@ -217,24 +265,43 @@ def section_env():
         L2_BYTES = getattr(props, "L2_cache_size", 0) or L2_BYTES
         rec.update(gpu=props.name, sm_count=props.multi_processor_count, capability=f"{props.major}.{props.minor}",
                    memory_gib=round(props.total_memory / 2**30, 1), l2_bytes=L2_BYTES,
-                   cudnn=torch.backends.cudnn.version(),
                    bf16_reduced_precision_reduction=torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
+        rec.update(nvidia_smi())
     LOG.write("env", **rec)
 
 
-def section_copy():
-    """Device-to-device copy of a buffer far larger than L2: (read + written bytes) / s, median of 7 reps."""
-    global COPY_GBPS
+def measure_ceiling() -> dict:
+    """Read-only GB/s: ``sum`` over 2 GiB (two 1 GiB buffers alternated, far beyond L2), median of 7; and a copy's
+    (read + write) GB/s beside it."""
     n = (4 if TINY else 1024) * 2**20 // 4
-    src = torch.empty(n, dtype=torch.float32, device=DEVICE).normal_()
-    dst = torch.empty_like(src)
-    reps = []
-    for _ in range(2 if TINY else 7):
-        reps.append(time_region(lambda: dst.copy_(src), 2 if TINY else 10))
-    s = statistics.median(reps)
-    COPY_GBPS = 2 * n * 4 / s / 1e9
-    LOG.write("copy", bytes=n * 4, gbps=COPY_GBPS, samples_us=[r * 1e6 for r in reps],
-              note="bytes read + bytes written per second; a GEMV reads only, so its GB/s is compared with this")
+    bufs = [torch.empty(n, dtype=torch.float32, device=DEVICE).normal_() for _ in range(2)]
+    reps = 2 if TINY else 7
+    it = [0]
+
+    def read():
+        bufs[it[0] % 2].sum()
+        it[0] += 1
+
+    read_s = statistics.median(time_region(read, 2 if TINY else 10) for _ in range(reps))
+    dst = torch.empty_like(bufs[0])
+    copy_s = statistics.median(time_region(lambda: dst.copy_(bufs[1]), 2 if TINY else 10) for _ in range(reps))
+    return dict(bytes=n * 4, read_gbps=n * 4 / read_s / 1e9, copy_gbps=2 * n * 4 / copy_s / 1e9)
+
+
+def section_ceiling():
+    global CEIL_GBPS
+    rec = measure_ceiling()
+    CEIL_GBPS = rec["read_gbps"]
+    LOG.write("ceiling", **rec, note="read_gbps: bytes read / s (what a GEMV does); copy_gbps counts read + write")
+
+
+def section_drift():
+    rec = measure_ceiling()
+    if CEIL_GBPS:
+        rec["read_vs_start"] = rec["read_gbps"] / CEIL_GBPS
+    if CUDA:
+        rec.update(nvidia_smi())
+    LOG.write("drift", **rec)
 
 
 def time_region(fn, iters: int) -> float:
@@ -500,7 +567,7 @@ def check_experts(B):
             name="pair_gemv_triton", shape=shape, batch=B)
 
 
-def section_correctness():
+def correctness_here():
     for name, (d, f) in SHAPES.items():
         for B in BATCHES:
             guarded("correctness", check_shape, name, d, f, B, name="shape", shape=[d, f], batch=B)
@@ -557,8 +624,8 @@ def time_rotating(make_set, fn, bytes_per_set: int, read_bytes: int):
             out.update(graph_error=f"{type(exc).__name__}: {exc}"[:500])
     best = out.get("graph_us") or out["eager_us"]
     out["gbps"] = read_bytes / (best / 1e6) / 1e9
-    if COPY_GBPS:
-        out["frac_of_copy"] = out["gbps"] / COPY_GBPS
+    if CEIL_GBPS:
+        out["frac_of_ceiling"] = out["gbps"] / CEIL_GBPS
     del sets
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
@@ -652,8 +719,7 @@ def time_shape(shape_name, d, f, B):
     ]
     results = {}
     for name, set_bytes, read_bytes, make_set, fn in items:
-        if remaining() < 30:
-            LOG.write("timing", "skipped", name=name, reason="budget", **base)
+        if not budget_left("timing", 3, name=name, **base):
             continue
         r = guarded("timing", time_rotating, make_set, fn, set_bytes, read_bytes, name=name, **base)
         if r is not None:
@@ -668,12 +734,12 @@ def time_shape(shape_name, d, f, B):
                         rel[f"speedup_vs_{ref_name}_down"] = (ref.get("graph_us") or ref["eager_us"]) / best
                 # useful bytes: the n_keep columns a step needs, whatever the kernel streams to get them
                 rel["useful_gbps"] = keep_bytes / (best / 1e6) / 1e9
-                if COPY_GBPS:
-                    rel["useful_frac_of_copy"] = rel["useful_gbps"] / COPY_GBPS
+                if CEIL_GBPS:
+                    rel["useful_frac_of_ceiling"] = rel["useful_gbps"] / CEIL_GBPS
             if name in ("pop::decode kernels=triton", "gemv_triton (R ∪ C layout)") and B == 1:
-                rel["target_frac_of_copy"] = 0.7 if shape_name == "7b" else 0.5  # the issue's targets
-                if "frac_of_copy" in r:
-                    rel["target_met"] = r["frac_of_copy"] >= rel["target_frac_of_copy"]
+                rel["target_frac_of_ceiling"] = 0.7 if shape_name == "7b" else 0.5  # the issue's targets
+                if "frac_of_ceiling" in r:
+                    rel["target_met"] = r["frac_of_ceiling"] >= rel["target_frac_of_ceiling"]
             LOG.write("timing", name=name, read_bytes=read_bytes, **base, **r, **rel)
 
 
@@ -688,12 +754,78 @@ def section_timing():
             guarded("timing", time_shape, name, d, f, B, name="shape", shape=name, batch=B)
 
 
+
+
 # ------------------------------------------------------------------------------------------------
-# the 8-layer FFN stack: dense Inductor vs POP, with and without CUDA graphs
+# the FFN stack: dense vs POP (torch kernels, Triton kernels, autotuned) per cell, checked and timed
 # ------------------------------------------------------------------------------------------------
 
-_PROFILED = {}
 _STACK_TIMES = {}  # (cuda graphs, batch) -> {variant: seconds per decode step}
+_PROFILE_MODELS = {}  # variant -> (model, x_pre, x_dec): the graphs batch-1 cell's, for the profile section
+
+
+class MutationWarnings(logging.Handler):
+    """Counts Inductor's "assuming every input is mutated" warnings (a wrapped kernel it could not analyse: it then
+    clones every input of the kernel on every call; torch 2.11 lacks the analysis the sm_90 test runs)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.count, self.samples = 0, []
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if MUTATED_WARNING in msg:
+            self.count += 1
+            self.samples.append(msg[:300])
+
+    def __enter__(self):
+        logging.getLogger("torch").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("torch").removeHandler(self)
+
+
+def pop_config(variant, lowering="inductor"):
+    """The PopConfig of a POP variant (None: the variant is not available yet)."""
+    from pop_fx.config import PopConfig
+
+    if variant == "autotuned":
+        if AUTOTUNED is None:
+            return None
+        return PopConfig(sparsity=R, candidate_ratio=GAMMA, lowering=lowering, **AUTOTUNED)
+    return PopConfig(sparsity=R, candidate_ratio=GAMMA, lowering=lowering,
+                     kernels="triton" if variant == "pop-triton" else "torch")
+
+
+def build(variant, model, mode):
+    """A compiled copy of ``model`` over the same Parameters: dense Inductor or POP with the variant's kernels."""
+    from pop_fx.tools.model_copies import structural_copy
+
+    torch._dynamo.reset()
+    m = structural_copy(model)
+    if variant == "dense":
+        m.compile(backend="inductor", mode=mode)
+        return m
+    return pop_fx.compile(m, pop_config(variant), mode=mode)
+
+
+def eager_reference(model, variant, run):
+    """What ``run(m)`` returns on the uncompiled model (dense) or on the same POP graph run eagerly (torch ops)."""
+    from pop_fx.tools.model_copies import structural_copy
+
+    torch._dynamo.reset()
+    m = structural_copy(model)
+    if variant != "dense":
+        pop_fx.compile(m, pop_config("pop-torch", lowering="eager"))
+    with torch.no_grad():
+        out = run(m)
+    if variant != "dense":
+        from pop_fx.tools.bench import require_fully_rewritten
+
+        require_fully_rewritten("pop eager reference", m)
+    torch._dynamo.reset()
+    return out
 
 
 def _call(m, x, graphs):
@@ -702,166 +834,369 @@ def _call(m, x, graphs):
     return m(x)
 
 
-def _build(variant, model, mode):
-    from pop_fx.config import PopConfig
-
-    torch._dynamo.reset()
-    if variant == "dense-inductor":
-        return torch.compile(model, mode=mode) if mode else torch.compile(model)
-    kernels = "triton" if variant == "pop-triton" else "auto"
-    cfg = PopConfig(sparsity=R, candidate_ratio=GAMMA, kernels=kernels)
-    pop_fx.decompile(model)
-    return pop_fx.compile(model, cfg, mode=mode)
+def _rel(got, ref):
+    got, ref = got.double(), ref.double()
+    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def stack_cell(model, B, graphs, variants):
+def stack_cell(model, graphs, B):
+    from torch._dynamo.utils import counters
+
     from pop_fx.tools.bench import require_fully_rewritten
 
     d, f = STACK_SHAPE
     L = STACK_LAYERS
     mode = "reduce-overhead" if graphs else None
-    g = _gen(5)
+    g = _gen(5 + B)
     x_pre = torch.randn(B, 16, d, generator=g, device=DEVICE).to(DTYPE)
     x_dec = torch.randn(B, 1, d, generator=g, device=DEVICE).to(DTYPE)
     sizes = P.partition_sizes(f, R, GAMMA)
-    e = 2
     n_rc = sizes.n_R + sizes.n_C
-    bytes_step = {"dense-inductor": L * 3 * d * f * e, "pop": L * 3 * d * n_rc * e, "pop-triton": L * 3 * d * n_rc * e}
-    ideal_bytes = L * 3 * d * sizes.n_keep * e
+    pop_bytes = L * 3 * d * n_rc * DTYPE.itemsize
+    bytes_step = {"dense": L * 3 * d * f * DTYPE.itemsize}
+    ideal_bytes = L * 3 * d * sizes.n_keep * DTYPE.itemsize
     times = _STACK_TIMES.setdefault((graphs, B), {})
-    for v in variants:
-        if remaining() < (20 if TINY else 90):  # one compile of the 8-layer stack and its timing
-            LOG.write("stack", "skipped", variant=v, batch=B, cuda_graphs=graphs, reason="budget")
+    refs = {}
+
+    def decode_after_prefill(m):
+        _call(m, x_pre, graphs)
+        return _call(m, x_dec, graphs).clone()
+
+    for v in VARIANTS:
+        cell = dict(variant=v, batch=B, cuda_graphs=graphs, layers=L, shape=[d, f])
+        if v != "dense" and pop_config(v) is None:
+            LOG.write("stack", "skipped", reason="hook: set AUTOTUNED once kernels='auto' is Inductor's autotuner",
+                      **cell)
+            continue
+        if not budget_left("stack", 35, **cell):
             continue
 
         def one(v=v):
-            from torch._dynamo.utils import counters
-
+            ref_key = "dense" if v == "dense" else "pop"
+            if ref_key not in refs:
+                refs[ref_key] = eager_reference(model, v, decode_after_prefill)
             c0 = {k: counters["inductor"][k] for k in ("cudagraph_skips", "cudagraph_recorded_non_static_inputs")}
             t_build = time.perf_counter()
-            m = _build(v, model, mode)
-            with torch.no_grad():
+            with MutationWarnings() as warned, torch.no_grad():
+                m = build(v, model, mode)
                 for _ in range(2):  # compile and warm: prefill then decode graphs (cudagraph trees record here)
                     _call(m, x_pre, graphs)
                     for _ in range(3):
                         _call(m, x_dec, graphs)
                 sync()
-                compile_s = time.perf_counter() - t_build
-                if v != "dense-inductor":
-                    require_fully_rewritten(v, m)
-                steps = 2 if TINY else 20
+            compile_s = time.perf_counter() - t_build
+            if v != "dense":
+                require_fully_rewritten(v, m)
+            with torch.no_grad():
+                got = decode_after_prefill(m)
+                rel = _rel(got, refs[ref_key])
+                steps, rounds = (2, 2) if TINY else (20, 5)
                 samples = []
-                for _ in range(2 if TINY else 5):
+                for _ in range(rounds):
                     _call(m, x_pre, graphs)  # each round re-partitions, as a new prompt would
                     samples.append(time_region(lambda: _call(m, x_dec, graphs), steps))
-                if not graphs and B == 1 and v not in _PROFILED:
-                    _PROFILED[v] = profile_step(m, x_pre, x_dec)
             step = statistics.median(samples)
             times[v] = step
-            rec = dict(variant=v, batch=B, cuda_graphs=graphs, layers=L, shape=[d, f], step_ms=step * 1e3,
-                       automatic_dynamic_shapes=torch._dynamo.config.automatic_dynamic_shapes,
-                       per_layer_ms=step * 1e3 / L, samples_ms=[s * 1e3 for s in samples], compile_s=compile_s,
-                       read_bytes=bytes_step[v], gbps=bytes_step[v] / step / 1e9, ideal_bytes=ideal_bytes,
-                       ideal_floor_ms=(ideal_bytes / (COPY_GBPS * 1e9) * 1e3) if COPY_GBPS else None)
-            if COPY_GBPS:
-                rec["frac_of_copy"] = rec["gbps"] / COPY_GBPS
+            nbytes = bytes_step.get(v, pop_bytes)
+            rec = dict(**cell, step_ms=step * 1e3, per_layer_ms=step * 1e3 / L, samples_ms=[s * 1e3 for s in samples],
+                       compile_s=compile_s, read_bytes=nbytes, gbps=nbytes / step / 1e9, ideal_bytes=ideal_bytes,
+                       rel_err_vs_eager=rel, tol=STACK_TOL, mutated_input_warnings=warned.count,
+                       mutated_input_samples=warned.samples[:3],
+                       ideal_floor_ms=(ideal_bytes / (CEIL_GBPS * 1e9) * 1e3) if CEIL_GBPS else None,
+                       **{"pass": rel <= STACK_TOL})
+            if CEIL_GBPS:
+                rec["frac_of_ceiling"] = rec["gbps"] / CEIL_GBPS
             if graphs:  # a skipped cudagraph, or weights/state copied on every replay, shows here
                 rec.update({k: counters["inductor"][k] - n for k, n in c0.items()})
-            if "dense-inductor" in times and v != "dense-inductor":
-                rec["speedup_vs_dense"] = times["dense-inductor"] / step
+            if "dense" in times and v != "dense":
+                rec["speedup_vs_dense"] = times["dense"] / step
                 rec["target_speedup"] = 1.5 if B == 1 else 1.2
                 rec["target_met"] = rec["speedup_vs_dense"] >= rec["target_speedup"]
             LOG.write("stack", **rec)
+            if B == 1 and v not in _PROFILE_MODELS:  # the first batch-1 cell's: under CUDA graphs on a GPU
+                _PROFILE_MODELS[v] = (m, x_pre, x_dec, graphs)
 
-        guarded("stack", one, variant=v, batch=B, cuda_graphs=graphs)
-        torch._dynamo.reset()
-        pop_fx.decompile(model)
-    return times
+        guarded("stack", one, **cell)
+    torch._dynamo.reset()
 
 
-def section_stack():
+def section_stack(cells=None):
     from pop_fx.tools.bench import FFNStack
 
     d, f = STACK_SHAPE
     model = FFNStack(d, f, STACK_LAYERS, DTYPE).to(DEVICE).eval()
-    # Static shapes for both variants: the prefill's sequence length must not make the decode graph dynamic
+    # Static shapes for every variant: the prefill's sequence length must not make the decode graph dynamic
     # (Dynamo's automatic dynamic shapes would, on the second shape it sees), the fastest dense baseline.
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-        for graphs, B, variants in STACK_CELLS:
-            guarded("stack", stack_cell, model, B, graphs, variants, batch=B, cuda_graphs=graphs)
+        for graphs, B in cells or STACK_CELLS[:2]:
+            guarded("stack", stack_cell, model, graphs, B, batch=B, cuda_graphs=graphs)
     for B in BATCHES:  # CUDA graphs should be no slower than without
-        for v in ("dense-inductor", "pop", "pop-triton"):
+        for v in VARIANTS:
             a, b = _STACK_TIMES.get((False, B), {}).get(v), _STACK_TIMES.get((True, B), {}).get(v)
             if a and b:
                 LOG.write("stack", name="cuda_graphs_vs_eager", variant=v, batch=B, ratio=a / b,
                           target_met=b <= a * 1.02)
 
 
+def section_stack_eager():
+    section_stack(STACK_CELLS[2:])
+
+
 # ------------------------------------------------------------------------------------------------
-# kernels per layer
+# kernel-only times of one decode step, from one profiler pass over a CUDA-graph replay
 # ------------------------------------------------------------------------------------------------
 
 
-def profile_step(m, x_pre, x_dec):
-    """Kernels (CUDA) or operators (CPU) of one decode step, from torch.profiler."""
+def kernel_kind(name: str) -> str:
+    """gemv (cuBLAS / CUTLASS / Triton GEMV and GEMM kernels), select (top-k, sort, the select kernel), small."""
+    n = name.lower()
+    if any(s in n for s in ("select", "topk", "sort", "radix")):
+        return "select"
+    if any(s in n for s in ("gemv", "gemm", "xmma", "cutlass", "matmul", "_mm_", "sm90_", "splitk", "pair_gemv",
+                            "rows_gemv", "addmm", "aten::mm", "aten::linear", "aten::bmm")):
+        return "gemv"
+    return "small"
+
+
+def profile_step(m, x_pre, x_dec, graphs):
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
     with torch.no_grad():
-        m(x_pre)
-        m(x_dec)
+        _call(m, x_pre, graphs)
+        _call(m, x_dec, graphs)
         sync()
         with profile(activities=acts) as prof:
-            m(x_dec)
+            _call(m, x_dec, graphs)
             sync()
-    names = {}
-    if DEVICE == "cuda":
-        for ev in prof.events():
-            if ev.device_type == torch.autograd.DeviceType.CUDA:
-                names[ev.name] = names.get(ev.name, 0) + 1
-        unit = "cuda kernels (incl. memcpy/memset)"
-    else:
-        for ev in prof.events():
+    per = {}
+    for ev in prof.events():
+        if DEVICE == "cuda":
+            if ev.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
+        else:  # CPU: the ops compiled code calls (Inductor's own C++ kernels are not profiled)
             parent = ev.cpu_parent.name if ev.cpu_parent is not None else ""
-            if ev.name.startswith(("aten::", "pop::")) and not parent.startswith(("aten::", "pop::")):
-                names[ev.name] = names.get(ev.name, 0) + 1
-        unit = "cpu ops called from compiled code (Inductor's own C++ kernels are not profiled)"
-    return dict(total=sum(names.values()), unit=unit, kernels=dict(sorted(names.items(), key=lambda kv: -kv[1])[:40]))
+            if not ev.name.startswith(("aten::", "pop::")) or parent.startswith(("aten::", "pop::")):
+                continue
+            us = ev.cpu_time
+        c, t = per.get(ev.name, (0, 0.0))
+        per[ev.name] = (c + 1, t + us)
+    kinds = {}
+    for name, (c, t) in per.items():
+        k = kinds.setdefault(kernel_kind(name), dict(count=0, us=0.0))
+        k["count"] += c
+        k["us"] += t
+    top = sorted(per.items(), key=lambda kv: -kv[1][1])[:16]
+    return dict(unit="cuda kernels (device time, one graph replay)" if DEVICE == "cuda" else "cpu ops (cpu time)",
+                total=sum(c for c, _ in per.values()), total_us=sum(t for _, t in per.values()), kinds=kinds,
+                top=[dict(name=n[:120], count=c, us=t) for n, (c, t) in top])
 
 
 def section_profile():
-    if not _PROFILED:  # the stack section did not profile (it failed or was skipped): build batch-1 models here
-        from pop_fx.tools.bench import FFNStack
+    if not _PROFILE_MODELS:
+        LOG.write("profile", "skipped", reason="no batch-1 stack model was built (stack failed or was skipped)")
+        return
+    for v, (m, x_pre, x_dec, graphs) in list(_PROFILE_MODELS.items()):
+        if not budget_left("profile", 5, variant=v):
+            continue
+        p = guarded("profile", profile_step, m, x_pre, x_dec, graphs, variant=v)
+        if p is not None:
+            LOG.write("profile", variant=v, layers=STACK_LAYERS, cuda_graphs=graphs,
+                      per_layer=p["total"] / STACK_LAYERS, **p)
+    _PROFILE_MODELS.clear()
 
-        if remaining() < (20 if TINY else 90):
-            LOG.write("profile", "skipped", reason="budget")
-            return
 
-        d, f = STACK_SHAPE
-        model = FFNStack(d, f, STACK_LAYERS, DTYPE).to(DEVICE).eval()
-        g = _gen(5)
-        x_pre = torch.randn(1, 16, d, generator=g, device=DEVICE).to(DTYPE)
-        x_dec = torch.randn(1, 1, d, generator=g, device=DEVICE).to(DTYPE)
-        for v in ("dense-inductor", "pop"):
-            m = _build(v, model, None)
-            with torch.no_grad():
-                m(x_pre)
-                m(x_dec)
-            _PROFILED[v] = profile_step(m, x_pre, x_dec)
+# ------------------------------------------------------------------------------------------------
+# registers and spills as compiled on the device
+# ------------------------------------------------------------------------------------------------
+
+
+def section_registers():
+    """Each Triton kernel this process launched eagerly (the correctness and timing items), per specialization:
+    registers, spills, shared memory, warps. (Inside compiled graphs Inductor compiles its own copy of the same
+    kernel source with the same constants.)"""
+    if TINY:
+        LOG.write("registers", "skipped", reason="the interpreter compiles nothing")
+        return
+    from pop_fx.ops import experts_decode as X, proxy_kernels as PK, rows_gemv as RG, splitk_gemv as S
+
+    kernels = dict(gemv=S._gemv_kernel, gemv_finish=S._gemv_finish_kernel, select=S._select_kernel,
+                   rows_gemv=RG._rows_gemv_kernel, pair_gemv=X._pair_gemv_kernel,
+                   proxy_int8=PK._proxy_int8_kernel, proxy_int3=PK._proxy_int3_kernel,
+                   proxy_finish=PK._proxy_finish_kernel)
+    found = 0
+    for name, fn in kernels.items():
+        for dev, entry in dict(getattr(fn, "device_caches", {}) or {}).items():
+            cache = entry[0] if isinstance(entry, tuple) else entry
+            for key, k in dict(cache).items():
+                if hasattr(k, "_init_handles"):
+                    k._init_handles()
+                md = getattr(k, "metadata", None)
+                LOG.write("registers", kernel=name, n_regs=getattr(k, "n_regs", None),
+                          n_spills=getattr(k, "n_spills", None), num_warps=getattr(md, "num_warps", None),
+                          num_stages=getattr(md, "num_stages", None), shared=getattr(md, "shared", None),
+                          key=str(key)[:400])
+                found += 1
+    if not found:
+        LOG.write("registers", "skipped", reason="no Triton kernel was launched eagerly in this process")
+
+
+# ------------------------------------------------------------------------------------------------
+# MoE and a 7B-shaped Llama, end to end
+# ------------------------------------------------------------------------------------------------
+
+
+def section_moe():
+    """OLMoE-like experts stack: decode step (batch 1) and a prefill (POP's partition + layout copies: TTFT)."""
+    from pop_fx.tools.bench import require_fully_rewritten
+    from pop_fx.tools.bench_moe import MoEStack, _fill, _with_impl, moe_config
+
+    cfg = moe_config(MOE_SHAPE, MOE_LAYERS)
+    model = _fill(MoEStack(cfg), DTYPE).to(DEVICE)
+    d = cfg.hidden_size
+    prompt = 16 if TINY else 512
+    g = _gen(21)
+    x_pre = torch.randn(1, prompt, d, generator=g, device=DEVICE).to(DTYPE)
+    x_dec = torch.randn(1, 1, d, generator=g, device=DEVICE).to(DTYPE)
+    base = dict(shape=MOE_SHAPE, layers=MOE_LAYERS, experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
+                d=d, d_ff=cfg.moe_intermediate_size, prompt=prompt)
+    times = {}
+    ref = {}
+    for v in ("dense", "pop-torch", "pop-triton"):
+        if not budget_left("moe", 45, variant=v, **base):
+            continue
+
+        def one(v=v):
             torch._dynamo.reset()
-            pop_fx.decompile(model)
-    for v, p in _PROFILED.items():
-        LOG.write("profile", variant=v, layers=STACK_LAYERS, per_layer=p["total"] / STACK_LAYERS, **p)
+            with torch.no_grad():
+                if v not in ref and "pop" in v and "pop" not in ref:
+                    # (the experts' default "eager" implementation graph-breaks on routing: POP needs grouped_mm)
+                    r = _with_impl(model, "grouped_mm")
+                    pop_fx.compile(r, pop_config("pop-torch", lowering="eager"))
+                    r(x_pre)
+                    ref["pop"] = r(x_dec).clone()
+                    if torch.equal(ref["pop"], model(x_dec)):  # POP prunes: it cannot equal the dense output
+                        raise RuntimeError("the eager POP reference of the MoE stack equals dense: not rewritten")
+                    torch._dynamo.reset()
+                if v == "dense":
+                    ref["dense"] = model(x_dec).clone()
+                    m = _with_impl(model, "grouped_mm")
+                    m.compile(backend="inductor")
+                else:
+                    m = pop_fx.compile(_with_impl(model, "grouped_mm"), pop_config(v))
+                t0 = time.perf_counter()
+                for _ in range(2):
+                    m(x_pre)
+                    m(x_dec)
+                sync()
+                compile_s = time.perf_counter() - t0
+                if v != "dense":
+                    require_fully_rewritten(v, m)
+                m(x_pre)
+                rel = _rel(m(x_dec), ref["dense" if v == "dense" else "pop"])
+                n = 2 if TINY else 5
+                prefill = statistics.median(time_region(lambda: m(x_pre), 1) for _ in range(n))
+                m(x_pre)
+                step = statistics.median(time_region(lambda: m(x_dec), 2 if TINY else 10) for _ in range(n))
+            times[v] = step
+            rec = dict(variant=v, **base, compile_s=compile_s, prefill_ms=prefill * 1e3, step_ms=step * 1e3,
+                       rel_err_vs_eager=rel, tol=STACK_TOL, **{"pass": rel <= STACK_TOL})
+            if "dense" in times and v != "dense":
+                rec["speedup_vs_dense"] = times["dense"] / step
+            LOG.write("moe", **rec)
+
+        guarded("moe", one, variant=v, **base)
+    torch._dynamo.reset()
+
+
+def section_llama7b():
+    """A 7B-shaped Llama (2 layers, random weights): generate() TTFT and decode ms/token, dense vs POP."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pop_fx.tools.model_copies import structural_copy
+
+    cfg = LlamaConfig(**LLAMA, num_hidden_layers=LLAMA_LAYERS, max_position_embeddings=1024, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = LlamaForCausalLM(cfg).to(DTYPE).eval()
+    prompt, new = (8, 3) if TINY else (128, 17)
+    ids = torch.randint(3, cfg.vocab_size, (1, prompt), generator=_gen(9), device=DEVICE)
+    gen = dict(do_sample=False, min_new_tokens=1, eos_token_id=None, pad_token_id=0)
+    base = dict(layers=LLAMA_LAYERS, d=cfg.hidden_size, d_ff=cfg.intermediate_size, prompt=prompt, new_tokens=new)
+    with torch.no_grad():
+        eager_tokens = model.generate(ids, max_new_tokens=new, **gen)
+    times = {}
+    for v in ("dense", "pop-torch", "pop-triton"):
+        if not budget_left("llama7b", 60, variant=v, **base):
+            continue
+
+        def one(v=v):
+            torch._dynamo.reset()
+            m = structural_copy(model)
+            if v == "dense":
+                m.compile(backend="inductor")
+            else:
+                pop_fx.compile(m, pop_config(v))
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                tokens = m.generate(ids, max_new_tokens=new, **gen)  # compiles prefill and decode graphs
+                m.generate(ids, max_new_tokens=1, **gen)
+                sync()
+                compile_s = time.perf_counter() - t0
+                if v != "dense":
+                    from pop_fx.tools.bench import require_fully_rewritten
+
+                    require_fully_rewritten(v, m)
+                n = 2 if TINY else 3
+                ttft = statistics.median(time_region(lambda: m.generate(ids, max_new_tokens=1, **gen), 1)
+                                         for _ in range(n))
+                full = statistics.median(time_region(lambda: m.generate(ids, max_new_tokens=new, **gen), 1)
+                                         for _ in range(n))
+            per_token = (full - ttft) / (new - 1)
+            times[v] = per_token
+            rec = dict(variant=v, **base, compile_s=compile_s, ttft_ms=ttft * 1e3, decode_ms_per_token=per_token * 1e3,
+                       same_tokens_as_eager_dense=bool(torch.equal(tokens, eager_tokens)))
+            if "dense" in times and v != "dense":
+                rec["speedup_vs_dense"] = times["dense"] / per_token
+            LOG.write("llama7b", **rec)
+
+        guarded("llama7b", one, variant=v, **base)
+    torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------------------------------------
-# the CUDA-only tests of the suite
+# sections in a subprocess: correctness (a sticky CUDA error voids only it) and the suite's CUDA tests
 # ------------------------------------------------------------------------------------------------
+
+
+def section_correctness():
+    if ARGS.child:
+        correctness_here()
+        return
+    if not budget_left("correctness", 40):
+        return
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--sections", "correctness", "--out", OUT_DIR,
+           "--budget", str(max(30.0, remaining()))] + (["--tiny"] if ARGS.tiny else [])
+    LOG.f.flush()
+    start = os.path.getsize(LOG.path)
+    limit = max(60.0, remaining() + 30)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
+    except subprocess.TimeoutExpired as exc:
+        rc, tail = "timeout", str(exc.stdout or "")[-3000:]
+    with open(LOG.path) as fh:  # the child's records: count its errors and failed checks here too
+        fh.seek(start)
+        for line in fh:
+            if line.strip():
+                LOG.count(json.loads(line))
+    if rc != 0:
+        LOG.write("correctness", "error", error=f"the correctness subprocess ended with {rc}", tail=tail)
 
 
 def section_cuda_tests():
-    import subprocess
-
     if TINY:
         LOG.write("cuda_tests", "skipped", reason="no CUDA (--tiny)")
         return
@@ -879,8 +1214,8 @@ def section_cuda_tests():
                 with open(path) as fh:
                     if "cuda.is_available" in fh.read():
                         files.append(os.path.relpath(path, root))
-    limit = min(180.0, remaining())
-    if limit < 30:
+    limit = min(120.0, remaining())
+    if limit < 20:
         LOG.write("cuda_tests", "skipped", reason="budget", files=files)
         return
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", "cuda", *sorted(files)]
@@ -896,9 +1231,11 @@ def section_cuda_tests():
               tail=(proc.stdout + proc.stderr)[-3000:])
 
 
-SECTIONS = {"env": section_env, "copy": section_copy, "correctness": section_correctness,
-            "cuda_tests": section_cuda_tests, "timing": section_timing, "stack": section_stack,
-            "profile": section_profile}
+# In the order they run: what decides the defaults first, the suite's CUDA tests and the drift check last.
+SECTIONS = {"env": section_env, "ceiling": section_ceiling, "stack": section_stack, "profile": section_profile,
+            "moe": section_moe, "llama7b": section_llama7b, "stack_eager": section_stack_eager,
+            "correctness": section_correctness, "timing": section_timing, "registers": section_registers,
+            "cuda_tests": section_cuda_tests, "drift": section_drift}
 
 
 def main():
@@ -910,9 +1247,12 @@ def main():
         except Exception as exc:  # noqa: BLE001
             LOG.error(name, exc)
         print(f"# section {name}: {time.perf_counter() - t:.1f} s", flush=True)
+    if ARGS.child:
+        return 1 if LOG.errors else 0
     LOG.write("done", wall_s=time.perf_counter() - T0, errors=LOG.errors, sections=wanted,
               correctness_failed=LOG.failed, targets=LOG.targets)
-    return 0
+    # an error record or a failed check fails the run (its records are all written above)
+    return 1 if LOG.errors or LOG.failed else 0
 
 
 if __name__ == "__main__":
