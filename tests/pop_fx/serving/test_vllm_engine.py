@@ -1,4 +1,4 @@
-"""POP inside a real vLLM (vLLM 0.32's CPU build, in its own venv ``.venv-vllm``; ``bash examples/run.sh setup``
+"""POP inside a real vLLM (vLLM 0.32's CPU build, in its own venv ``.venv-vllm``; ``bash examples/run.sh setup-vllm``
 builds it): every request of an offline ``LLM.generate`` equals ``reference.pruned(scope="sequence",
 prefill="dense")`` on that request alone under transformers, and vLLM without the plugin equals the dense model.
 
@@ -27,8 +27,8 @@ DRIVER = Path(__file__).with_name("vllm_driver.py")
 VLLM_PYTHON = Path(os.environ.get("POP_FX_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 if not VLLM_PYTHON.exists():
     if os.environ.get("POP_FX_REQUIRE_VLLM") == "1":
-        raise RuntimeError(f"POP_FX_REQUIRE_VLLM=1 but {VLLM_PYTHON} is missing: run `bash examples/run.sh setup`")
-    pytest.skip(f"no vLLM venv at {VLLM_PYTHON} (bash examples/run.sh setup builds it)", allow_module_level=True)
+        raise RuntimeError(f"POP_FX_REQUIRE_VLLM=1 but {VLLM_PYTHON} is missing: run `bash examples/run.sh setup-vllm`")
+    pytest.skip(f"no vLLM venv at {VLLM_PYTHON} (bash examples/run.sh setup-vllm builds it)", allow_module_level=True)
 
 POP = PopConfig(sparsity=0.5, candidate_ratio=0.2)
 TIGHT = dict(dtype="float32", enforce_eager=True, max_model_len=96, max_num_seqs=4, max_num_batched_tokens=16,
