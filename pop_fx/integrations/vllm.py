@@ -63,8 +63,9 @@ ENV = "POP_FX_VLLM"
 
 MLP_CLASSES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
 DECODE_PATHS = ("layouts", "ragged", "dense")
-LAYOUT_ALIGN = 64
-"""R ∪ C rows per slot are padded to this: vLLM's CPU ``silu_and_mul`` needs a multiple of its vector width"""
+LAYOUT_ALIGN = 32
+"""R ∪ C rows per slot are padded to this: vLLM's CPU ``silu_and_mul`` needs a multiple of its vector width (32
+bf16 values in an AVX-512 register)"""
 
 log = logging.getLogger("vllm.pop_fx")  # a child of vLLM's logger: its handler prints our lines
 
@@ -168,10 +169,14 @@ class PopVllmMLP(nn.Module):
         self.register_buffer("rc_idx", self.free_rc.repeat(max_slots, 1), persistent=False)
         self.register_buffer("wd_norm_c", self.wd_norm[part.C].repeat(max_slots, 1), persistent=False)
         self.layouts = layouts and w_gate_up is not None
-        self.gemv_in: list = [None] * max_slots
-        """per slot: gate rows then up rows of R ∪ C, each padded to ``pad`` (a oneDNN handle, or the tensor)"""
-        self.gemv_down: list = [None] * max_slots
-        """per slot: the down projection's R ∪ C columns, padded to ``pad``"""
+        self.slot_gemv: list[tuple | None] = [None] * max_slots
+        """per slot, once its partition is fixed: (gate/up GEMV over R ∪ C's rows — gate then up, each padded to
+        ``pad`` —, down GEMV over R ∪ C's columns, this slot's ||Wd[:, C]||)"""
+        # The decode path's per-call reads as plain attributes (nn.Module's __getattr__ for submodules and buffers
+        # costs microseconds, 30 layers a step)
+        self.act = mlp.act_fn.forward  # vLLM's SiluAndMul: act(first half) * second half
+        self.bias = mlp.down_proj.bias
+        self.n_R, self.n_select = self.sizes.n_R, self.sizes.n_select
         self.empty = torch.zeros(0)
         self.calls = 0
         """forwards run (the test of a compiled model that really calls this module)"""
@@ -182,18 +187,19 @@ class PopVllmMLP(nn.Module):
         self.sumsq[s].zero_()
         self.rc_idx[s].copy_(self.free_rc)
         self.wd_norm_c[s].copy_(self.wd_norm[self.free_rc[self.sizes.n_R :]])
-        self.gemv_in[s] = self.gemv_down[s] = None
+        self.slot_gemv[s] = None
 
     def export_slot(self, s: int) -> dict:
         return {"sumsq": self.sumsq[s].clone(), "rc_idx": self.rc_idx[s].clone(), "wd_norm_c": self.wd_norm_c[s].clone(),
-                "gemv": (self.gemv_in[s], self.gemv_down[s])}
+                "gemv": self.slot_gemv[s]}
 
     @torch.no_grad()
     def import_slot(self, s: int, saved: dict) -> None:
         self.sumsq[s].copy_(saved["sumsq"])
         self.rc_idx[s].copy_(saved["rc_idx"])
         self.wd_norm_c[s].copy_(saved["wd_norm_c"])
-        self.gemv_in[s], self.gemv_down[s] = saved["gemv"]
+        g = saved["gemv"]
+        self.slot_gemv[s] = None if g is None else (g[0], g[1], self.wd_norm_c[s])
 
     @torch.no_grad()
     def write_layout(self, s: int) -> None:
@@ -206,7 +212,7 @@ class PopVllmMLP(nn.Module):
         torch.index_select(wgu, 0, rc + d_ff, out=w_in[pad : pad + n_rc])
         w_dn = wd.new_zeros(wd.shape[0], pad)
         w_dn[:, :n_rc] = wd.index_select(1, rc)
-        self.gemv_in[s], self.gemv_down[s] = _gemv_weight(w_in), _gemv_weight(w_dn)
+        self.slot_gemv[s] = (_gemv(w_in), _gemv(w_dn), self.wd_norm_c[s])
 
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -215,14 +221,15 @@ class PopVllmMLP(nn.Module):
         return self.run(x)
 
     def run(self, x: Tensor) -> Tensor:
-        st, m, sz = self.step, self.mlp, self.sizes
+        st = self.step
         self.calls += 1
+        if st.path == "layouts":
+            return self.decode_layouts(x)
+        m, sz = self.mlp, self.sizes
         if st.path == "dense":
             return m(x)  # vLLM's own MLP: profile and dummy runs (no step), and the measured dense fallback
         if x.shape[0] != st.slot.shape[0]:
             raise RuntimeError(f"pop_fx: {x.shape[0]} token rows but the step names {st.slot.shape[0]}")
-        if st.path == "layouts":
-            return self.decode_layouts(x)
         gate_up, _ = m.gate_up_proj(x)
         h = m.act_fn(gate_up)  # vLLM's SiluAndMul: act(gate) * up, [T, d_ff / tp]
         if st.has_prefill:
@@ -238,34 +245,42 @@ class PopVllmMLP(nn.Module):
 
     def decode_layouts(self, x: Tensor) -> Tensor:
         """Every row decodes, each through its own slot's R ∪ C GEMVs (one request per row)."""
-        sz, act = self.sizes, self.mlp.act_fn
+        slots, n_R, n_rc, k, act = self.step.decode_slots, self.n_R, self.n_rc, self.n_select, self.act
         ys = []
-        for t, s in enumerate(self.step.decode_slots):
-            h = act(_gemv(self.gemv_in[s], x[t : t + 1]))  # [1, pad]: R, C, then zeros
-            keep_top_candidates_(h[:, sz.n_R : self.n_rc], self.wd_norm_c[s], sz.n_select)
-            ys.append(_gemv(self.gemv_down[s], h))
+        for t, s in enumerate(slots):
+            gemv_in, gemv_down, wd_norm_c = self.slot_gemv[s]
+            h = act(gemv_in(x if len(slots) == 1 else x[t : t + 1]))  # [1, pad]: R, C, then zeros
+            keep_top_candidates_(h[:, n_R:n_rc], wd_norm_c, k)
+            ys.append(gemv_down(h))
         y = ys[0] if len(ys) == 1 else torch.cat(ys)
-        bias = self.mlp.down_proj.bias
-        return y if bias is None else y + bias
+        return y if self.bias is None else y + self.bias
 
 
 def top_candidates(h_c: Tensor, wd_norm_c: Tensor, n_select: int) -> Tensor:
     """[1, n_select] positions of one row's top candidates (h_c [1, n_C]) by |h|·||Wd[:, j]||: the set
-    ``partition.candidate_topk`` picks (ties by the lower index, NaN last) in fewer eager ops, since these scores
-    are never negative: a non-negative fp32's bits order as it does, and NaN becomes -1."""
-    s = torch.nan_to_num(h_c.float().abs().mul_(wd_norm_c), nan=-1.0, posinf=float("inf"))
-    keys = (s.view(torch.int32).to(torch.int64) << 32).add_(_tie_breaks(s.shape[-1]))
-    return torch.topk(keys, n_select, dim=-1, sorted=False).indices
+    ``partition.candidate_topk`` picks (ties by the lower index, NaN last)."""
+    return torch.topk(_candidate_keys(h_c, wd_norm_c), n_select, dim=-1, sorted=False).indices
 
 
 def keep_top_candidates_(h_c: Tensor, wd_norm_c: Tensor, n_select: int) -> None:
-    """Zero, in place, all of one row's candidates but its ``top_candidates``."""
+    """Zero, in place, all of one row's candidates but its ``top_candidates``: keys at or above the
+    n_select-th largest (keys are unique, so exactly n_select of them)."""
     if n_select >= h_c.shape[-1]:
         return
     if n_select == 0:
         h_c.zero_()
         return
-    h_c.mul_(torch.zeros_like(h_c).scatter_(1, top_candidates(h_c, wd_norm_c, n_select), 1))
+    keys = _candidate_keys(h_c, wd_norm_c)
+    kth = torch.kthvalue(keys, keys.shape[-1] - n_select + 1, dim=-1, keepdim=True).values
+    h_c.mul_(keys >= kth)
+
+
+def _candidate_keys(h_c: Tensor, wd_norm_c: Tensor) -> Tensor:
+    """``partition.rank_keys`` of |h|·||Wd[:, j]|| in fewer eager ops (the decode path runs them per layer and
+    row): these scores are never negative, and a non-negative fp32's bits order as it does; NaN becomes -1."""
+    s = h_c.to(torch.float32, copy=True).abs_().mul_(wd_norm_c)
+    bits = torch.nan_to_num_(s, nan=-1.0, posinf=float("inf")).view(torch.int32)
+    return torch.add(_tie_breaks(s.shape[-1]), bits, alpha=1 << 32)  # bits · 2³² + (n - 1 - j), in int64
 
 
 @functools.cache
@@ -273,25 +288,18 @@ def _tie_breaks(n: int) -> Tensor:
     return (n - 1) - torch.arange(n, dtype=torch.int64)
 
 
-def _gemv_weight(w: Tensor):
-    """``w`` [N, K] as the CPU build's prepacked oneDNN GEMM (what vLLM's own CPU linears run: half the time of
-    ``F.linear`` in bf16 here), else as is."""
+def _gemv(w: Tensor):
+    """x -> x @ w.T for ``w`` [N, K]: on the CPU build, vLLM's prepacked oneDNN GEMM (what its own CPU linears
+    run: half ``F.linear``'s time in bf16 here), else ``F.linear``."""
     if w.device.type == "cpu":
         try:
             from vllm import _custom_ops as ops
         except ImportError:  # the unit tests, without vLLM
-            return w
+            ops = None
         if getattr(ops, "_supports_onednn", False):
-            return ops.create_onednn_mm(w.t(), 32)
-    return w
-
-
-def _gemv(w, x: Tensor) -> Tensor:
-    if isinstance(w, Tensor):
-        return torch.nn.functional.linear(x, w)
-    from vllm import _custom_ops as ops
-
-    return ops.onednn_mm(w, x, None)
+            handle = ops.create_onednn_mm(w.t(), 32)  # copies the weights, packed
+            return lambda x: ops.onednn_mm(handle, x, None)
+    return lambda x: torch.nn.functional.linear(x, w)
 
 
 _LAYERS: list[PopVllmMLP] = []

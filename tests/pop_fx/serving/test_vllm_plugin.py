@@ -123,6 +123,12 @@ def test_candidate_selection_equals_the_references(h, k, seed):
     k = min(k, len(h))
     want = P.candidate_topk(h_c, wn[None], k, per_sequence=True)[0]
     assert sorted(plugin.top_candidates(h_c, wn, k)[0].tolist()) == sorted(want.tolist())
+    kept = h_c.clone()
+    plugin.keep_top_candidates_(kept, wn, k)  # the decode path's in-place form: the same channels survive
+    dropped = torch.ones(len(h), dtype=torch.bool)
+    dropped[want] = False
+    assert torch.equal(kept[0, ~dropped].nan_to_num(), h_c[0, ~dropped].nan_to_num())
+    assert not kept[0, dropped & ~h_c[0].isnan() & ~h_c[0].isinf()].any()
 
 
 def _sched(new=(), cached=(), tokens=None, finished=(), resumed=()):
@@ -205,7 +211,7 @@ def test_measured_table_names_a_path_for_every_batch_size():
     for with_dense, allowed in ((True, set(plugin.DECODE_PATHS)), (False, {"layouts", "ragged"})):
         table = plugin.measure_decode_paths([f], step, 5, with_dense, rounds=2)
         assert sorted(table) == [1, 2, 3, 4, 5] and set(table.values()) <= allowed
-    assert all(g is None for g in f.gemv_in)  # the timing's layouts are dropped
+    assert all(g is None for g in f.slot_gemv)  # the timing's layouts are dropped
 
 
 class _NoVllm(importlib.abc.MetaPathFinder):
