@@ -49,9 +49,13 @@ class CountingCompiler:
         orig, calls = self._orig, self.calls
 
         def counted(compiler, gm, example_inputs):
+            from torch._dynamo.utils import counters
+
+            before = dict(counters["pop"])
             fn = orig(compiler, gm, example_inputs)
             shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() == 2][:1]
-            calls.append({"counts": dict(compiler.last), "input_ids_shape": [str(s) for s in shapes]})
+            counts = {k: v - before.get(k, 0) for k, v in counters["pop"].items() if v != before.get(k, 0)}
+            calls.append({"counts": counts, "input_ids_shape": [str(s) for s in shapes]})
             return fn
 
         _backend.PopCompiler.__call__ = counted

@@ -96,6 +96,20 @@ def replace_down(g: fx.Graph, m, y: fx.Node) -> None:
             g.erase_node(v)
 
 
+def first_of(g: fx.Graph, nodes) -> fx.Node:
+    """The node of ``nodes`` that comes first in the graph (where a replacement of all of them is inserted)."""
+    order = {n: i for i, n in enumerate(g.nodes)}
+    return min(nodes, key=order.__getitem__)
+
+
+def erase_dead(g: fx.Graph, nodes) -> None:
+    """Erase those of ``nodes`` that nothing uses any more, last first (so a chain of dead nodes goes entirely)."""
+    order = {n: i for i, n in enumerate(g.nodes)}
+    for n in sorted({n for n in nodes if n in order}, key=order.__getitem__, reverse=True):
+        if not n.users and n.op in ("call_function", "call_method"):
+            g.erase_node(n)
+
+
 def pop_ops_in(gm: fx.GraphModule) -> dict[str, int]:
     """Count of each ``pop::`` op in a graph (for tests and reports)."""
     counts: dict[str, int] = {}

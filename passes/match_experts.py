@@ -202,23 +202,22 @@ def _match_region(graph: fx.Graph, key: str, path: str, params: list[fx.Node]) -
             v = param_of(q)
             if tuple(v.shape) == (E, 2 * b, a):  # p = down [E, H, I], q = gate_up [E, 2I, H]
                 down_node, gate_up_node = p, q
-    any_param = param_of(params[0])
     if down_node is None:
         shapes = sorted(by_shape)
         return Skipped(path, f"3-D expert weights of shapes {shapes} are not gate_up_proj [E, 2I, H] + down_proj "
-                             "[E, H, I] (transposed, interleaved or ungated layouts are not supported)", any_param)
+                             "[E, H, I] (transposed, interleaved or ungated layouts are not supported)", params[0])
     down_p, gu_p = param_of(down_node), param_of(gate_up_node)
     E, H, I = down_p.shape
     if len(params) != 2:
         return Skipped(path, f"the experts module reads {len(params)} 3-D Parameters (a bias?): only gate_up_proj "
-                             "and down_proj are supported", down_p)
+                             "and down_proj are supported", down_node)
     region = [n for n in graph.nodes if n.op != "placeholder" and _in_module(n, key)]
     inside = set(region)
     for n in region:
         bad = _op_allowed(n)
         if bad is not None:
             return Skipped(path, f"op {bad} inside the experts module is not one of the grouped_mm / batched_mm "
-                                 "implementations' ops (bias, post-expert norm or custom gate): left dense", down_p)
+                                 "implementations' ops (bias, post-expert norm or custom gate): left dense", down_node)
     # Inputs: tensors defined outside the region that the region reads.
     ins: list[fx.Node] = []
     for n in region:
@@ -229,31 +228,31 @@ def _match_region(graph: fx.Graph, key: str, path: str, params: list[fx.Node]) -
     extra_params = [a for a in tensors if param_of(a) is not None]
     if extra_params:
         return Skipped(path, f"the experts module reads another Parameter ({extra_params[0].name}): biases and "
-                             "post-expert norms are not supported", down_p)
+                             "post-expert norms are not supported", down_node)
     hidden = [a for a in tensors if val(a).dim() == 2 and val(a).shape[-1] == H and val(a).is_floating_point()]
     index = [a for a in tensors if val(a).dim() == 2 and not val(a).is_floating_point()]
     weights = [a for a in tensors if val(a).dim() == 2 and val(a).is_floating_point() and a not in hidden]
     if len(hidden) != 1 or len(index) != 1 or len(weights) != 1 or len(tensors) != 3:
         return Skipped(path, "the experts module's inputs are not (hidden [T, H], top_k_index [T, k], top_k_weights "
-                             f"[T, k]): got {[(a.name, tuple(val(a).shape)) for a in tensors]}", down_p)
+                             f"[T, k]): got {[(a.name, tuple(val(a).shape)) for a in tensors]}", down_node)
     # Results used outside the region. With dynamic shapes Dynamo computes a size expression (e.g. T·k) once
     # and reuses it in the next layer's region: such symbolic scalars are shared, not results; they stay.
     outs = [n for n in region if any(u not in inside for u in n.users) and not is_symbolic_scalar(n)]
     if len(outs) != 1 or val(outs[0]) is None or tuple(val(outs[0]).shape) != tuple(val(hidden[0]).shape):
-        return Skipped(path, f"the experts module has {len(outs)} results used outside it, expected one [T, H]", down_p)
+        return Skipped(path, f"the experts module has {len(outs)} results used outside it, expected one [T, H]", down_node)
     acts = [n for n in region if is_activation(n)]
     act = activation_name(acts)
     if len(acts) != 1 or act not in ACTIVATIONS:
         return Skipped(path, f"experts activation {act!r} ({len(acts)} activation nodes): supported {ACTIVATIONS}",
-                       down_p)
+                       down_node)
     a_in = acts[0].args[0] if acts[0].args else None
     chunk = a_in.args[0] if isinstance(a_in, fx.Node) and a_in.target is operator.getitem else None
     if not (isinstance(chunk, fx.Node) and chunk.target in ("chunk", torch.chunk) and a_in.args[1] == 0):
         return Skipped(path, "the activation does not read the first half of a chunk(2) of gate_up (an interleaved "
-                             "or custom gate): not supported", down_p)
+                             "or custom gate): not supported", down_node)
     batch_source = token_input(graph)
     if batch_source is None:
-        return Skipped(path, "the graph has no input_ids/inputs_embeds to tell batch from tokens", down_p)
+        return Skipped(path, "the graph has no input_ids/inputs_embeds to tell batch from tokens", down_node)
     tokens = val(batch_source).shape[1]
     return ExpertsMatch(path, region, outs[0], hidden[0], index[0], weights[0], gate_up_node, down_node, down_p, gu_p,
                         E, I, H, val(index[0]).shape[-1], act, _implementation(region), tokens, batch_source)

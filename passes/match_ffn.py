@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from passes.nodes import (activation_name, addmm_parts, elementwise_kind, is_activation, is_view, linear_parts,
-                          module_path, param_of, token_input, val)
+from passes.nodes import (activation_name, addmm_parts, elementwise_kind, input_name, is_activation, is_view,
+                          linear_parts, module_path, param_of, token_input, val)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,9 +99,16 @@ class SiteMatch:
 
 @dataclass
 class Skipped:
+    """An FFN-like block left dense, with the reason the report shows."""
+
     path: str
     reason: str
-    param: torch.Tensor | None = None
+    weight: fx.Node | None = None
+    """the placeholder of its down weight (the report's key), if it has one"""
+
+    @property
+    def param(self) -> torch.Tensor | None:
+        return param_of(self.weight)
 
 
 class NoMatch(Exception):
@@ -171,7 +178,7 @@ def match_site(down: fx.Node) -> SiteMatch | Skipped | None:
     try:
         m = _match_from(down, hin, w, b, wv, d_ff, conv1d, path)
     except NoMatch as e:
-        return Skipped(path, str(e), wv)
+        return Skipped(path, str(e), w)
     return m
 
 
@@ -187,8 +194,11 @@ def _match_from(down, hin, w, b, wv, d_ff, conv1d, path) -> SiteMatch | None:
         return None
     # Walk back through the elementwise region to the up projections. A node that is not a
     # channel-wise op stops the walk there; whether that makes a *skipped FFN* or *no FFN at all*
-    # depends on whether an activation function was seen (norms and residual adds have none).
-    region, sources, seen, frontier, failures = [], [], set(), [h], []
+    # is decided below from what the walk met (norms, residual adds and LM heads are no FFNs).
+    region, sources, seen, frontier = [], [], set(), [h]
+    failures: list[str] = []
+    unknown_only = True  # every failure is an op the passes do not know, between projections (no reduction, no input)
+    projected = False  # a projection feeds the region (a source, or a linear of something else than a Parameter)
     while frontier:
         n = frontier.pop()
         if n in seen:
@@ -199,29 +209,41 @@ def _match_from(down, hin, w, b, wv, d_ff, conv1d, path) -> SiteMatch | None:
             sources.append(src)
             continue
         if n.op == "placeholder":
-            failures.append(f"{n.name} (a graph input) feeds the activation directly")
+            if param_of(n) is None:
+                return None  # the region reads the residual stream or another graph's result: not an FFN here
+            failures.append(f"{input_name(n)} (a per-channel tensor) meets the activation: only elementwise ops "
+                            "with scalar arguments are channel-wise")
+            unknown_only = False
             continue
         kind = elementwise_kind(n)
         nv = val(n)
         if kind is None:
             failures.append(f"{n.op} {getattr(n.target, '__name__', n.target)} between the up and down projections is not a known elementwise op")
+            if linear_parts(n) is not None or addmm_parts(n) is not None:
+                projected = True  # an up projection, though not of a Parameter (a scaled or dequantized weight)
             # Keep walking through a shape-preserving unknown op (not a projection): an activation behind it
             # makes this a skipped FFN rather than no FFN at all.
-            if nv is not None and tuple(nv.shape) == tuple(hv.shape) and linear_parts(n) is None and addmm_parts(n) is None:
+            elif nv is not None and tuple(nv.shape) == tuple(hv.shape):
                 frontier.extend(a for a in list(n.args) + list(n.kwargs.values()) if isinstance(a, fx.Node))
                 region.append(n)
             continue
         if nv is None or tuple(nv.shape) != tuple(hv.shape):
             failures.append(f"{n.name} changes the activation's shape (broadcast or reduction): not channel-wise")
+            unknown_only = False
             continue
         bad = [a for a in list(n.args) + list(n.kwargs.values()) if not isinstance(a, fx.Node) and not _scalar_ok(a)]
         if bad:
             failures.append(f"{n.name} takes a non-scalar argument {bad[0]!r}")
+            unknown_only = False
             continue
         frontier.extend(a for a in list(n.args) + list(n.kwargs.values()) if isinstance(a, fx.Node))
         region.append(n)
-    if not any(is_activation(n) for n in region):
-        return None  # not an FFN (attention output, a norm's consumer, the LM head, ...)
+    if not sources and not projected:
+        return None  # nothing projects into the region
+    if not any(is_activation(n) for n in region) and not (sources and failures and unknown_only):
+        # No activation: an FFN only if an op the passes do not know sits between an up projection of a
+        # Parameter and the down one (sin, softsign: left dense and reported); else a scale or a low-rank pair.
+        return None
     if failures:
         raise NoMatch(failures[0])
     if not sources:
@@ -306,6 +328,40 @@ PATTERNS: tuple[Pattern, ...] = (
         and {s.chunk_index for s in srcs} == {0, 1},
     ),
 )
+
+
+def gate_source(m: SiteMatch) -> int | None:
+    """Which of a gated site's two sources passes through the activation (the gate), or None if unclear."""
+    if m.kind != "gated" or len(m.sources) != 2:
+        return None
+    region = set(m.region)
+
+    def reach(start: fx.Node) -> set:
+        seen, stack = set(), [start]
+        while stack:
+            for u in stack.pop().users:
+                if u in region and u not in seen:
+                    seen.add(u)
+                    stack.append(u)
+        return seen
+
+    r0, r1 = (reach(s.leaf) for s in m.sources)
+    acts = (any(is_activation(n) for n in r0 - r1), any(is_activation(n) for n in r1 - r0))
+    return {(True, False): 0, (False, True): 1}.get(acts)
+
+
+def proxy_support(m: SiteMatch) -> tuple[int, int] | str:
+    """(gate source index, activation code) of a site the candidate proxy handles, or why not."""
+    from pop_fx.activations import ACTIVATIONS
+
+    if m.kind != "gated":
+        return f"candidate_proxy: {m.kind} site (gated FFNs with separate gate and up projections only)"
+    if m.activation not in ACTIVATIONS:
+        return f"candidate_proxy: activation {m.activation} not one of {', '.join(ACTIVATIONS)}"
+    gate = gate_source(m)
+    if gate is None:
+        return "candidate_proxy: cannot tell the gate projection from the up projection"
+    return gate, ACTIVATIONS.index(m.activation)
 
 
 def match_ffns(gm: fx.GraphModule) -> tuple[list[SiteMatch], list[Skipped]]:

@@ -18,7 +18,7 @@ def split_vision_tower(sites: list[SiteMatch]) -> tuple[list[SiteMatch], list[Sk
     keep, vision = [], []
     for m in sites:
         if is_vision_path(m.path):
-            vision.append(Skipped(m.path, VISION_REASON, m.param))
+            vision.append(Skipped(m.path, VISION_REASON, m.down_weight))
         else:
             keep.append(m)
     return keep, vision

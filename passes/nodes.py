@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import operator
+import re
 
 import torch
 import torch.fx as fx
@@ -40,8 +41,24 @@ def param_of(n) -> torch.Tensor | None:
     if not isinstance(n, fx.Node) or n.op != "placeholder":
         return None
     ga = n.meta.get("grapharg")
-    ex = getattr(ga, "example", None)
+    try:
+        ex = getattr(ga, "example", None)
+    except AssertionError:  # Dynamo's weak reference to a temporary input has expired: not a Parameter
+        return None
     return ex if isinstance(ex, torch.nn.Parameter) else None
+
+
+def input_name(n: fx.Node) -> str:
+    """A graph input as the user names it ("mlp.scale" for Dynamo's ``l_self_modules_mlp_parameters_scale_``)."""
+    ga = n.meta.get("grapharg")
+    src = getattr(ga, "source", None) or getattr(n, "_dynamo_source", None)
+    name = getattr(src, "name", None) if src is not None else None
+    name = name() if callable(name) else name  # a method in some torch releases, a property in others
+    if not isinstance(name, str):
+        name = n.name
+    name = re.sub(r"\._(modules|parameters|buffers)\['([^']*)'\]", r".\2", name)
+    name = re.sub(r"\['([^']*)'\]", r".\1", name).replace("L.self.", "").replace("L.args.", "").replace("L.", "")
+    return name.lstrip(".")
 
 
 def linear_parts(n: fx.Node):

@@ -1,12 +1,17 @@
 """The pass pipeline of the ``pop`` backend: an ordered list of passes, run on a copy of Dynamo's graph.
 
 ``PASSES`` is the order a reader follows (``passes/README.md`` shows it too). Each pass reads and extends one
-``_Run`` (the graph copy, the matches so far, the per-site decisions, the state tensors the rewrites
-appended) and returns its match count; ``run_passes`` records the counts and returns the rewritten copy.
+``_Run`` (the graph copy, the matches so far, the per-site decisions, the state slots the rewrites appended)
+and returns its match count; ``run_passes`` records the counts (also in ``torch._dynamo.utils.counters["pop"]``,
+and in the ``pop_fx.passes`` logger) and returns the rewritten copy.
+
+A rewritten graph holds no state: each site gets a ``pop_fx.binding.Slot`` (which graph inputs are its weights,
+how to make its state from them) and the backend's ``Binder`` finds the state from the weights of every call.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -14,22 +19,24 @@ import torch
 import torch.fx as fx
 
 from pop_fx import state as _state
+from pop_fx.binding import Note, Slot
 from pop_fx.config import PopConfig
 from pop_fx.lowbit import VALUES
-from pop_fx.state import STATE_NAMES
 
 from passes.classify_graph import reads_kv_cache
 from passes.decide import Decision, decide
 from passes.graph import add_state_placeholders, copy_graph_module, padding_note
 from passes.match_experts import match_experts
-from passes.match_ffn import match_ffns
+from passes.match_ffn import match_ffns, proxy_support
 from passes.match_vision import split_vision_tower
 from passes.name_shared_experts import name_shared_experts
-from passes.nodes import token_input, val
+from passes.nodes import param_of, token_input, val
 from passes.rewrite_decode import rewrite_decode
-from passes.rewrite_experts import rewrite_experts
+from passes.rewrite_experts import rewrite_experts_decode, rewrite_experts_prefill
 from passes.rewrite_prefill import rewrite_prefill
-from passes.rewrite_proxy import proxy_support, rewrite_decode_proxy, rewrite_decode_values
+from passes.rewrite_proxy import rewrite_decode_proxy, rewrite_decode_values
+
+log = logging.getLogger("pop_fx.passes")
 
 
 @dataclass
@@ -39,12 +46,15 @@ class Rewritten:
     sites: list
     skipped: list
     state_tensors: list[torch.Tensor]
-    """the real tensors for the placeholders the rewrite appended, in order"""
+    """the state tensors of the instance the graph was compiled for, one per appended placeholder (examples: the
+    backend's ``Binder`` finds each call's own)"""
     counts: dict[str, int]
     passes: list[tuple[str, int]] = field(default_factory=list)
     """(pass name, its match count) in the order they ran"""
-    states: list = field(default_factory=list)
-    """the site states this graph reads (decode) or writes (prefill)"""
+    slots: list[Slot] = field(default_factory=list)
+    """per rewritten site, in placeholder order: its weights' input indices and state names"""
+    notes: list[Note] = field(default_factory=list)
+    """what the graph did with each FFN-like block, for the report of every instance it serves"""
     phase: str = "prefill"
     """the graph's kind: "prefill" or "decode"."""
 
@@ -64,8 +74,16 @@ class _Run:
     kinds: list[str] = field(default_factory=list)
     plan: list[Decision] = field(default_factory=list)
     state_tensors: list[torch.Tensor] = field(default_factory=list)
-    states: list = field(default_factory=list)
+    slots: list[Slot] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    inputs: dict[fx.Node, int] = field(default_factory=dict)
+    """Dynamo's placeholders -> their position among the graph's inputs"""
+
+    def note(self, weight: fx.Node | None, kind: str | None, reason: str, path: str, matched: bool = False,
+             graph: str | None = None) -> None:
+        if weight in self.inputs:
+            self.notes.append(Note(self.inputs[weight], kind, reason, path, matched, graph or self.phase))
 
 
 @dataclass(frozen=True)
@@ -113,86 +131,96 @@ def _name_shared(r: _Run) -> int:
 
 def _decide(r: _Run) -> int:
     for s in r.skipped:
-        if s.param is not None:
-            _state.note(s.param, r.cfg, None, s.reason, path=s.path, graph=r.phase)
+        r.note(s.weight, None, s.reason, s.path)
+    for s in r.experts_skipped:
+        r.note(s.weight, "expert", s.reason, s.path)
     r.counts.update(matched=len(r.sites), skipped=len(r.skipped), prefill=0, decode=0)
+    if r.experts or r.experts_skipped:  # dense graphs keep the dense passes' counts unchanged
+        r.counts.update(experts=len(r.experts), experts_skipped=len(r.experts_skipped), experts_prefill=0,
+                        experts_decode=0)
     r.plan = [decide(m, kind, r.cfg) for m, kind in zip(r.sites, r.kinds)]
+    r.plan += [decide(m, "expert", r.cfg) for m in r.experts]
     for d in r.plan:
         if d.action == "prefill":
-            why = padding_note(r.gm, val(d.site.h).shape[0] if d.site.batch_source is None else val(d.site.batch_source).shape[0])
+            m = d.site
+            why = padding_note(r.gm, val(m.h).shape[0] if m.batch_source is None else val(m.batch_source).shape[0])
             if why:
                 d.reason = f"pop ({why})"
-    for d in r.plan:
-        if d.action == "dense":
-            _state.note(d.site.param, r.cfg, d.kind, d.reason, path=d.site.path, matched=True, graph=r.phase)
+        elif d.action == "dense":
+            r.note(d.site.down_weight if hasattr(d.site, "down_weight") else d.site.down, d.kind, d.reason,
+                   d.site.path, matched=True)
     return sum(d.action != "dense" for d in r.plan)
 
 
-def _site_state(r: _Run, d: Decision) -> tuple[_state.SiteState, dict[str, fx.Node]]:
-    """The site's state (created on first use) and its placeholders in this graph."""
+def _weights(d: Decision) -> dict[str, fx.Node | None]:
     m = d.site
-    w_a, b_a, w_b, b_b = (_real(n) for n in m.weights())
-    # "int8-values" reads the original down weight and copies made once: its sites need no R ∪ C layouts, so no
-    # prefill copies the FFN (the prefill and decode graphs of a site reach the same answer from the same match).
-    layouts = not (r.cfg.candidate_proxy == VALUES and not isinstance(proxy_support(m), str))
-    st = _state.get_or_create(m.param, r.cfg, kind=d.kind, d_ff=m.d_ff, d_model=m.d_model, flags=m.flags,
-                              n_in=m.n_inputs, in_dtype=w_a.dtype, weights=dict(w_a=w_a, b_a=b_a, w_b=w_b, b_b=b_b),
-                              layouts=layouts)
-    st.info.update(pattern=m.pattern.name, activation=m.activation, path=m.path)
-    nodes = add_state_placeholders(r.gm, st.tensors, f"pop_site{r.sites.index(m)}", STATE_NAMES)
-    r.state_tensors.extend(st.tensors[name] for name in STATE_NAMES)
-    r.states.append(st)
-    return st, nodes
+    if d.action.startswith("experts"):
+        return {"gate_up": m.gate_up, "down": m.down}
+    w_a, b_a, w_b, b_b = m.weights()
+    return {"w_a": w_a, "b_a": b_a, "w_b": w_b, "b_b": b_b, "wd": m.down_weight}
 
 
-def _rewritten(r: _Run, d: Decision, st: _state.SiteState, graph_kind: str) -> None:
-    st.graphs.add(graph_kind)
-    r.counts[graph_kind] += 1
-    _state.note(d.site.param, r.cfg, d.kind, d.reason, path=d.site.path, matched=True, graph=graph_kind)
+def _site_state(r: _Run, d: Decision, names: tuple[str, ...], prefix: str) -> tuple[_state.State, dict[str, fx.Node]]:
+    """The site's slot and placeholders in this graph, and the state of the instance being compiled (whose
+    tensors stand as the placeholders' example values)."""
+    m = d.site
+    nodes = _weights(d)
+    weights = tuple((name, None if n is None else r.inputs[n]) for name, n in nodes.items())
+    spec = None
+    if not d.action.startswith("experts"):
+        # The prefill and decode graphs of a site must make the same state, whichever runs first: both read the
+        # proxy's support off the match. "int8-values" reads the original down weight and copies made once: its
+        # sites need no R ∪ C layouts, so no prefill copies the FFN.
+        sup = proxy_support(m) if r.cfg.candidate_proxy is not None else "no proxy"
+        gate = None if isinstance(sup, str) else sup[0]
+        layouts = not (r.cfg.candidate_proxy == VALUES and gate is not None)
+        spec = _state.SiteSpec(d.kind, m.d_ff, m.d_model, m.flags, m.n_inputs, layouts, gate)
+        info = dict(pattern=m.pattern.name, activation=m.activation, path=m.path)
+    else:
+        info = dict(path=m.path, activation=m.activation, pattern=f"Experts[{m.implementation}]")
+    slot = Slot(r.cfg, spec, weights, names, "decode" if d.action in ("decode", "proxy", "experts_decode") else "prefill",
+                info)
+    st, tensors = slot.resolve({i: param_of(n) for n, i in r.inputs.items()})
+    placeholders = add_state_placeholders(r.gm, dict(zip(names, tensors)), prefix, names)
+    r.slots.append(slot)
+    r.state_tensors.extend(tensors)
+    r.counts[slot.phase if spec is not None else f"experts_{slot.phase}"] += 1
+    r.note(nodes["wd" if spec is not None else "down"], d.kind, d.reason, m.path, matched=True, graph=slot.phase)
+    return st, placeholders
 
 
 def _rewrite_prefill(r: _Run) -> int:
     todo = [d for d in r.plan if d.action == "prefill"]
     for d in todo:
-        st, nodes = _site_state(r, d)
+        st, nodes = _site_state(r, d, _state.STATE_NAMES, f"pop_site{r.sites.index(d.site)}")
         rewrite_prefill(r.gm, d.site, st, nodes)
-        _rewritten(r, d, st, "prefill")
     return len(todo)
 
 
 def _rewrite_decode(r: _Run) -> int:
     todo = [d for d in r.plan if d.action == "decode"]
     for d in todo:
-        st, nodes = _site_state(r, d)
-        if r.cfg.scope == "batch" and not st.tensors["w_in"].numel():
-            raise RuntimeError(f"site {d.site.path}: a decode graph needs the R ∪ C layouts its state was created "
-                               "without (candidate_proxy='int8-values' judged the site supported in another graph)")
+        st, nodes = _site_state(r, d, _state.STATE_NAMES, f"pop_site{r.sites.index(d.site)}")
         rewrite_decode(r.gm, d.site, st, nodes)
-        _rewritten(r, d, st, "decode")
     return len(todo)
 
 
 def _rewrite_proxy(r: _Run) -> int:
     todo = [d for d in r.plan if d.action == "proxy"]
+    values = r.cfg.candidate_proxy == VALUES
     for d in todo:
-        st, nodes = _site_state(r, d)
-        gate, act = d.proxy
-        w_a, _, w_b, _ = (_real(n) for n in d.site.weights())
-        tables = st.ensure_proxy(*((w_a, w_b) if gate == 0 else (w_b, w_a)))
-        names = ("q", "s", "wd_t") if r.cfg.candidate_proxy == VALUES else ("q", "s")
-        proxy_nodes = add_state_placeholders(r.gm, tables, f"pop_site{r.sites.index(d.site)}_proxy", names)
-        r.state_tensors.extend(tables[name] for name in names)
-        rewrite = rewrite_decode_values if r.cfg.candidate_proxy == VALUES else rewrite_decode_proxy
-        rewrite(r.gm, d.site, st, nodes, proxy_nodes, act)
-        _rewritten(r, d, st, "decode")
+        names = _state.STATE_NAMES + (_state.VALUES_NAMES if values else _state.PROXY_NAMES)
+        st, nodes = _site_state(r, d, names, f"pop_site{r.sites.index(d.site)}")
+        (rewrite_decode_values if values else rewrite_decode_proxy)(r.gm, d.site, st, nodes, nodes, d.proxy[1])
     return len(todo)
 
 
 def _rewrite_experts(r: _Run) -> int:
-    tensors, states = rewrite_experts(r.gm, r.experts, r.experts_skipped, r.cfg, r.counts, r.phase)
-    r.state_tensors.extend(tensors)
-    r.states.extend(states)
-    return r.counts.get("experts_prefill", 0) + r.counts.get("experts_decode", 0)
+    todo = [d for d in r.plan if d.action.startswith("experts")]
+    for d in todo:
+        st, nodes = _site_state(r, d, _state.EXPERT_STATE_NAMES, f"pop_experts{r.experts.index(d.site)}")
+        (rewrite_experts_decode if d.action == "experts_decode" else rewrite_experts_prefill)(r.gm, d.site, st, nodes)
+    return len(todo)
 
 
 PASSES: tuple[Pass, ...] = (
@@ -201,7 +229,7 @@ PASSES: tuple[Pass, ...] = (
     Pass("match_vision", "FFNs under a vision tower stay dense (they run only in prefill)", _match_vision),
     Pass("match_experts", "routed-experts regions (3-D gate_up_proj/down_proj, grouped_mm or batched_mm)", _match_experts),
     Pass("name_shared_experts", "gated sites beside routed experts are kind shared_expert", _name_shared),
-    Pass("decide", "per site: rewrite (prefill / decode / proxy) or dense, with the reason", _decide),
+    Pass("decide", "per site and experts module: rewrite (prefill / decode / proxy / experts) or dense, with the reason", _decide),
     Pass("rewrite_prefill", "prefill graphs: down(H) -> pop.prefill (partition + layouts into the state)", _rewrite_prefill),
     Pass("rewrite_decode", "decode graphs: gate/up over the R∪C layout, down -> pop.decode / pop.decode_seq", _rewrite_decode),
     Pass("rewrite_proxy", "decode graphs, candidate_proxy: pop.proxy_select + pop.gather_in + pop.decode_sel "
@@ -212,25 +240,22 @@ PASSES: tuple[Pass, ...] = (
 
 def run_passes(gm: fx.GraphModule, cfg: PopConfig) -> Rewritten:
     """Run ``PASSES`` on a copy of ``gm``: prefill graphs get pop::prefill, decode graphs R∪C + pop::decode."""
-    if cfg.candidate_proxy is not None and cfg.scope != "batch":
-        raise ValueError(f"PopConfig.candidate_proxy={cfg.candidate_proxy!r} with scope={cfg.scope!r}: the compiled "
-                         "proxy ops serve scope='batch' only (pop_fx.reference.pruned runs both scopes)")
+    cfg.check_compiled()
+    from torch._dynamo.utils import counters
+
     r = _Run(copy_graph_module(gm), cfg)
-    done = [(p.name, p.run(r)) for p in PASSES]
+    r.inputs = {n: i for i, n in enumerate(n for n in r.gm.graph.nodes if n.op == "placeholder")}
+    done = []
+    for p in PASSES:
+        n = p.run(r)
+        done.append((p.name, n))
+        counters["pop"][p.name] += n
+        log.debug("%s: %d", p.name, n)
+    counters["pop"][f"{r.phase}_graphs"] += 1
     r.gm.graph.lint()
     r.gm.recompile()
-    return Rewritten(r.gm, r.sites, r.skipped, r.state_tensors, r.counts, done, r.states, r.phase)
-
-
-def _real(node: fx.Node | None) -> torch.Tensor | None:
-    """The real tensor behind a weight/bias placeholder (None for a missing bias)."""
-    if node is None:
-        return None
-    ga = node.meta.get("grapharg")
-    t = getattr(ga, "example", None)
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{node.name} is not a graph input with a real tensor")
-    return t
+    log.info("%s graph: %s", r.phase, r.counts)
+    return Rewritten(r.gm, r.sites, r.skipped, r.state_tensors, r.counts, done, r.slots, r.notes, r.phase)
 
 
 __all__ = ["PASSES", "Pass", "Rewritten", "run_passes"]

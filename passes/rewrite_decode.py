@@ -19,7 +19,7 @@ import torch.fx as fx
 import pop_fx.ops  # noqa: F401  (registers torch.ops.pop)
 from pop_fx.state import SiteState
 
-from passes.graph import pop, replace_down
+from passes.graph import erase_dead, first_of, pop, replace_down
 from passes.match_ffn import SiteMatch
 
 
@@ -40,7 +40,7 @@ def rewrite_decode(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state: dict[
         replace_down(g, m, y)
         return
     # 1. gate/up over R ∪ C only: one projection over the contiguous layout replaces the site's one or two.
-    anchor = min((s.proj for s in m.sources), key=lambda n: list(g.nodes).index(n))
+    anchor = first_of(g, [s.proj for s in m.sources])
     _, b_a, _, b_b = m.weights()
     b_in = state["b_in"] if (b_a is not None or b_b is not None) else None  # no bias: a plain mm, not addmm(0, …)
     with g.inserting_before(anchor):
@@ -63,10 +63,7 @@ def rewrite_decode(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state: dict[
         v.args = tuple(args)
     else:
         src0.leaf.replace_all_uses_with(z)
-    for s in m.sources:
-        for n in (s.leaf, s.proj):
-            if n in g.nodes and not n.users and n is not z:
-                g.erase_node(n)
+    erase_dead(g, [n for s in m.sources for n in (s.leaf, s.proj) if n is not z])
     # Chunk getitems of a fused projection were leaves: they stay (they now split z).
     # 2. down over R ∪ selected candidates.
     with g.inserting_before(m.down):

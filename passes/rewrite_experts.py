@@ -13,18 +13,13 @@ like the dense sites' (``passes.graph.add_state_placeholders``), and the backend
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
 import pop_fx.ops  # noqa: F401  (registers torch.ops.pop)
-from pop_fx import state as _state
-from pop_fx.config import PopConfig
-from pop_fx.partition import partition_sizes
-from pop_fx.state import EXPERT_STATE_NAMES, ExpertsState
+from pop_fx.state import ExpertsState
 
+from passes.graph import attention_mask_input, pop
 from passes.match_experts import ExpertsMatch
-from passes.match_ffn import Skipped
-from passes.graph import add_state_placeholders, attention_mask_input, pop
 from passes.nodes import is_symbolic_scalar
 
 
@@ -67,37 +62,3 @@ def rewrite_experts_decode(gm: fx.GraphModule, m: ExpertsMatch, st: ExpertsState
             s["rc_idx"], s["wd_norm_c"], s["dense"], s["w_in"], s["wd_rc"],
             z.n_R, z.n_select, m.activation, cfg.scope == "sequence", cfg.empty_expert == "dense", cfg.kernel_code))
     _replace_region(g, m, y)
-
-
-def rewrite_experts(gm: fx.GraphModule, experts: list[ExpertsMatch], skipped: list[Skipped], cfg: PopConfig,
-                    counts: dict[str, int], phase: str = "prefill") -> tuple[list[torch.Tensor], list[ExpertsState]]:
-    """Rewrite every matched experts block; returns the real state tensors of the placeholders added, in order,
-    and the states they belong to."""
-    if experts or skipped:  # dense graphs keep the dense passes' counts unchanged
-        counts.update(experts=len(experts), experts_skipped=len(skipped), experts_prefill=0, experts_decode=0)
-    for s in skipped:
-        if s.param is not None:
-            _state.note(s.param, cfg, "expert", s.reason, path=s.path, graph=phase)
-    tensors: list[torch.Tensor] = []
-    states: list[ExpertsState] = []
-    for i, m in enumerate(experts):
-        z = partition_sizes(m.d_ff, cfg.sparsity, cfg.candidate_ratio)
-        if z.is_dense:
-            _state.note(m.param, cfg, "expert", "dense: every channel kept (sparsity 0)", path=m.path, matched=True,
-                        graph=phase)
-            continue
-        if z.n_keep < 1:
-            _state.note(m.param, cfg, "expert", f"dense: d_ff={m.d_ff} too small for sparsity={cfg.sparsity} "
-                        "(n_keep < 1)", path=m.path, matched=True, graph=phase)
-            continue
-        st = _state.get_or_create_experts(m.gate_up_param, m.param, cfg)
-        st.info.update(path=m.path, activation=m.activation, pattern=f"Experts[{m.implementation}]")
-        nodes = add_state_placeholders(gm, st.tensors, f"pop_experts{i}", EXPERT_STATE_NAMES)
-        kind = "decode" if m.is_decode else "prefill"
-        (rewrite_experts_decode if m.is_decode else rewrite_experts_prefill)(gm, m, st, nodes)
-        st.graphs.add(kind)
-        counts[f"experts_{kind}"] += 1
-        tensors.extend(st.tensors[name] for name in EXPERT_STATE_NAMES)
-        states.append(st)
-        _state.note(m.param, cfg, "expert", "pop", path=m.path, matched=True, graph=kind)
-    return tensors, states

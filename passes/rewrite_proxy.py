@@ -5,7 +5,7 @@
     H   = act(z[:, :n_keep]) · z[:, n_keep:]                # the graph's own activation nodes
     y   = pop.decode_sel(H, wd_rc, bd, sel, n_R, n_C)        # was: down(H)
 
-``proxy_support`` says which sites qualify (separate gate and up projections, a known activation, the gate
+``passes.match_ffn.proxy_support`` says which sites qualify (separate gate and up projections, a known activation, the gate
 identifiable); the others keep the paper's exact candidate scoring and the report says why.
 
 ``candidate_proxy="int8-values"`` (``rewrite_decode_values``) replaces the whole FFN instead:
@@ -21,43 +21,8 @@ import torch.fx as fx
 import pop_fx.ops  # noqa: F401  (registers torch.ops.pop)
 from pop_fx.state import SiteState
 
-from passes.graph import pop, replace_down
+from passes.graph import erase_dead, first_of, pop, replace_down
 from passes.match_ffn import SiteMatch
-from passes.nodes import is_activation
-
-
-def gate_source(m: SiteMatch) -> int | None:
-    """Which of a gated site's two sources passes through the activation (the gate), or None if unclear."""
-    if m.kind != "gated" or len(m.sources) != 2:
-        return None
-    region = set(m.region)
-
-    def reach(start: fx.Node) -> set:
-        seen, stack = set(), [start]
-        while stack:
-            for u in stack.pop().users:
-                if u in region and u not in seen:
-                    seen.add(u)
-                    stack.append(u)
-        return seen
-
-    r0, r1 = (reach(s.leaf) for s in m.sources)
-    acts = (any(is_activation(n) for n in r0 - r1), any(is_activation(n) for n in r1 - r0))
-    return {(True, False): 0, (False, True): 1}.get(acts)
-
-
-def proxy_support(m: SiteMatch) -> tuple[int, int] | str:
-    """(gate source index, activation code) of a decode site the candidate proxy handles, or why not."""
-    from pop_fx.activations import ACTIVATIONS
-
-    if m.kind != "gated":
-        return f"candidate_proxy: {m.kind} site (gated FFNs with separate gate and up projections only)"
-    if m.activation not in ACTIVATIONS:
-        return f"candidate_proxy: activation {m.activation} not one of {', '.join(ACTIVATIONS)}"
-    gate = gate_source(m)
-    if gate is None:
-        return "candidate_proxy: cannot tell the gate projection from the up projection"
-    return gate, ACTIVATIONS.index(m.activation)
 
 
 def rewrite_decode_proxy(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state: dict[str, fx.Node],
@@ -69,7 +34,7 @@ def rewrite_decode_proxy(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state:
     x = m.sources[0].x
     _, b_a, _, b_b = m.weights()
     b_in = state["b_in"] if (b_a is not None or b_b is not None) else None
-    anchor = min((s.proj for s in m.sources), key=lambda n: list(g.nodes).index(n))
+    anchor = first_of(g, [s.proj for s in m.sources])
     with g.inserting_before(anchor):
         sel = g.call_function(pop.proxy_select.default, (x, proxy["q"], proxy["s"], state["rc_idx"],
                                                          state["wd_norm_c"], sizes.n_R, sizes.n_select, st.d_ff, act))
@@ -77,10 +42,7 @@ def rewrite_decode_proxy(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state:
         parts = [g.call_function(torch.narrow, (z, -1, i * n_keep, n_keep)) for i in range(2)]
     for s, p in zip(m.sources, parts):
         s.leaf.replace_all_uses_with(p)
-    for s in m.sources:
-        for n in (s.leaf, s.proj):
-            if n in g.nodes and not n.users:
-                g.erase_node(n)
+    erase_dead(g, [n for s in m.sources for n in (s.leaf, s.proj)])
     with g.inserting_before(m.down):
         y = g.call_function(pop.decode_sel.default, (m.h, state["wd_rc"], m.down_bias, sel, sizes.n_R, sizes.n_C))
     replace_down(g, m, y)
@@ -97,9 +59,5 @@ def rewrite_decode_values(gm: fx.GraphModule, m: SiteMatch, st: SiteState, state
                                                         m.down_bias, state["rc_idx"], state["wd_norm_c"], sizes.n_R,
                                                         sizes.n_select, st.d_ff, act))
     replace_down(g, m, y)
-    # The region (activation, product, the gate/up projections) is now dead: erase it, last node first.
-    dead = [*m.region, m.h, *(n for s in m.sources for n in (s.leaf, s.proj))]
-    order = {n: i for i, n in enumerate(g.nodes)}
-    for n in sorted({n for n in dead if n in order}, key=order.get, reverse=True):
-        if not n.users and n.op == "call_function":
-            g.erase_node(n)
+    # The region (activation, product, the gate/up projections) is now dead.
+    erase_dead(g, [*m.region, m.h, *(n for s in m.sources for n in (s.leaf, s.proj))])

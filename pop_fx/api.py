@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,39 +15,30 @@ from pop_fx.config import PopConfig
 
 
 def compile(model: torch.nn.Module, config: PopConfig | dict | None = None, *, mode: str | None = None,
-            **fields: Any) -> torch.nn.Module:
+            options: dict | None = None, **fields: Any) -> torch.nn.Module:
     """Compile ``model`` in place with ``backend="pop"`` so that ``model.generate()`` uses it; returns the model.
 
     ``torch.compile(model).generate(...)`` would run the *uncompiled* forward (``generate`` is the
     original module's method), so this compiles the module in place (``model.compile``). It also
-    makes every ``generate()`` start from a clean partition, and points transformers' own
-    auto-compile (CUDA + static cache) at the same backend via ``generation_config.compile_config``.
-    ``mode`` is Inductor's mode (e.g. "reduce-overhead"); ``fields`` are PopConfig fields.
+    makes every new ``generate()`` start from a clean partition (a generation continued from a returned cache
+    keeps it), and points transformers' own auto-compile (CUDA + static cache) at the same backend via
+    ``generation_config.compile_config``. ``mode`` is Inductor's mode (e.g. "reduce-overhead"); ``options``
+    (as in ``torch.compile``) and ``fields`` are PopConfig fields. Models compiled with equal configs share
+    the compiled graphs; each finds its own state from its weights at every call.
     """
-    from pop_fx.backend import pop_backend
-
-    cfg = PopConfig.from_options(config, **fields)
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"options={options!r} is invalid: allowed a dict of PopConfig fields or None")
+    cfg = PopConfig.from_options(config, **{**(options or {}), **fields})
     if mode is not None:
         cfg = cfg.replace(mode=mode)
-    backend = functools.partial(pop_backend, config=cfg)
+    cfg.check_compiled()
+    backend = backend_for(cfg)
     _experts_for_compile(model)
     model.compile(backend=backend)
     model._pop_config = cfg
     if hasattr(model, "generate") and "generate" not in vars(model):
-        original = model.generate
-
-        @functools.wraps(original)
-        def generate(*args, **kwargs):
-            # A new generation never reads the previous one's partition (one-token prompts included).
-            reset(model)
-            hits = recompile_limit_hits()
-            out = original(*args, **kwargs)
-            if recompile_limit_hits() > hits:
-                vars(model)["_pop_recompile_limit_hit"] = True
-                warnings.warn(RECOMPILE_LIMIT_WARNING.format(torch._dynamo.config.recompile_limit), stacklevel=2)
-            return out
-
-        model.generate = generate
+        # A method bound to this model (not a closure): copy.deepcopy binds the copy's generate to the copy.
+        model.generate = types.MethodType(_generate, model)
     gen_cfg = getattr(model, "generation_config", None)
     on_cuda = any(p.is_cuda for p in model.parameters())
     if gen_cfg is not None and on_cuda:  # transformers auto-compiles only on CUDA (and warns elsewhere)
@@ -57,6 +49,43 @@ def compile(model: torch.nn.Module, config: PopConfig | dict | None = None, *, m
         except ImportError:  # pragma: no cover - transformers is a dependency
             pass
     return model
+
+
+@functools.lru_cache(maxsize=None)
+def backend_for(config: PopConfig):
+    """The one backend callable of a config: Dynamo reuses compiled graphs only for the same backend object, so
+    models compiled with equal configs share their graphs (and stay under Dynamo's recompile limit)."""
+    from pop_fx.backend import pop_backend
+
+    return functools.partial(pop_backend, config=config)
+
+
+def _generate(model: torch.nn.Module, *args, **kwargs):
+    """``model.generate`` of a ``pop_fx.compile``d model: a new generation never reads the previous one's partition
+    (one-token prompts included); one continued from a returned, non-empty cache keeps it."""
+    if model._compiled_call_impl is None and "_pop_config" in vars(model):
+        # torch drops a module's compiled forward when it is deep-copied or pickled (Module.__getstate__): the copy
+        # of a compiled model compiles again, with its own config, and finds its own state from its own weights.
+        model.compile(backend=backend_for(model._pop_config))
+    if not _continues(kwargs):
+        reset(model)
+    hits = recompile_limit_hits()
+    out = type(model).generate(model, *args, **kwargs)
+    if recompile_limit_hits() > hits:
+        vars(model)["_pop_recompile_limit_hit"] = True
+        warnings.warn(RECOMPILE_LIMIT_WARNING.format(torch._dynamo.config.recompile_limit), stacklevel=2)
+    return out
+
+
+def _continues(kwargs: dict) -> bool:
+    """Does this generate() continue from a cache that already holds tokens (transformers 5.2x calls it ``cache``)?"""
+    past = kwargs.get("cache", kwargs.get("past_key_values"))
+    if past is None:
+        return False
+    try:
+        return int(past.get_seq_length()) > 0
+    except (AttributeError, TypeError):  # a legacy tuple cache
+        return bool(len(past)) and past[0][0].shape[-2] > 0
 
 
 RECOMPILE_LIMIT_WARNING = (
@@ -180,8 +209,6 @@ def report(model: torch.nn.Module, config: PopConfig | None = None) -> Report:
                 rep.warnings.append(f"{path}: decode graphs are pruned but no prefill graph was (a graph break or "
                                     "the recompile limit ran the prefill without POP): decoding uses a stale or "
                                     "empty partition")
-            elif st.graphs == {"prefill"}:
-                rep.warnings.append(f"{path}: only the prefill graph was rewritten; decode runs dense")
         site_path = left_dense[0]["path"] if left_dense and left_dense[0]["path"] else path
         if left_dense and pruned:  # one graph pruned it, another ran it dense: its prefill and decode disagree
             for n in left_dense:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,8 +24,10 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from pop_fx import state as _state
+from pop_fx.binding import Binder
 from pop_fx.config import PopConfig
+
+log = logging.getLogger("pop_fx")
 
 
 @functools.lru_cache(maxsize=1)
@@ -74,11 +76,14 @@ class CacheKeyPass(CustomGraphPass):
 
 
 class PopCompiler:
-    """One backend instance per config: matches, rewrites and lowers each graph Dynamo hands it."""
+    """One backend instance per config: matches, rewrites and lowers each graph Dynamo hands it. The rewritten
+    graph finds its sites' state from the weights of each call (``pop_fx.binding``), so one compiled graph serves
+    every instance Dynamo calls it for."""
 
     def __init__(self, config: PopConfig):
         self.config = config
-        self.last: dict[str, Any] = {}
+        if config.debug:
+            debug_log()
 
     def uuid(self) -> str:
         return passes_uuid(self.config)
@@ -87,47 +92,105 @@ class PopCompiler:
         from passes.pipeline import run_passes
 
         rw = run_passes(gm, self.config)
-        self.last = rw.counts
         if self.config.debug:
-            print(f"[pop] graph: {rw.counts}")
             for s in rw.skipped:
-                print(f"[pop]   dense {s.path}: {s.reason}")
-            print("[pop] before:\n" + gm.print_readable(print_output=False))
-            print("[pop] after:\n" + rw.gm.print_readable(print_output=False))
-        if not rw.state_tensors:
-            return self._lower(gm, list(example_inputs))
-        return self._lower(rw.gm, list(example_inputs), rw.state_tensors, rw.states, rw.phase)
-
-    def _lower(self, gm: fx.GraphModule, example_inputs: list, state_tensors: list[torch.Tensor] | None = None,
-               states: list | None = None, phase: str = "prefill"):
-        cfg = self.config
-        state_tensors = state_tensors or []
-        if cfg.lowering == "eager":
-            fn = gm.forward
+                log.info("dense %s: %s", s.path, s.reason)
+            log.info("before:\n%s", gm.print_readable(print_output=False))
+            log.info("after:\n%s", rw.gm.print_readable(print_output=False))
+        if not rw.slots:
+            fn = self._lower(gm, list(example_inputs), [])
+            if not rw.notes:
+                return fn
         else:
-            from torch._inductor import list_mode_options
-            from torch._inductor.compile_fx import compile_fx
-
-            fakes = []
-            if state_tensors:
-                fake_mode = _fake_mode(example_inputs)
-                fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in state_tensors]
-            from torch._inductor import config as inductor_config
-
-            patches = dict(list_mode_options(cfg.mode)) if cfg.mode not in (None, "default") else {}
-            patches["post_grad_custom_post_pass"] = CacheKeyPass(self.uuid(), inductor_config.post_grad_custom_post_pass)
-            fn = compile_fx(gm, example_inputs + fakes, config_patches=patches)
-        if not state_tensors:
-            return fn
-        states = list({id(s): s for s in states or []}.values())  # one entry per state, in order
-        before_graph = _state.before_graph
+            # The pop:: ops have no backward (inference only): a graph traced with grad enabled is compiled and run
+            # for inference, and its outputs say so if a backward reaches them (never wrong gradients, no crash).
+            grad = next((i for i, t in enumerate(example_inputs)
+                         if isinstance(t, torch.Tensor) and t.requires_grad), None) if torch.is_grad_enabled() else None
+            with torch.no_grad():
+                fn = self._lower(rw.gm, list(example_inputs), rw.state_tensors)
+            if grad is not None:
+                fn = _inference_only(fn, grad)
+        bind = Binder(rw.slots, rw.notes, self.config, rw.phase)
 
         # compile_fx's forward takes unboxed arguments (it only inherits a `_boxed_call` attribute).
         def run(*args):
-            before_graph(states, phase)
-            return fn(*args, *state_tensors)
+            return fn(*args, *bind(args))
 
         return run
+
+    def _lower(self, gm: fx.GraphModule, example_inputs: list, state_tensors: list[torch.Tensor]):
+        cfg = self.config
+        if cfg.lowering == "eager":
+            return gm.forward
+        from torch._inductor import config as inductor_config
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        mode = _fake_mode(example_inputs)
+        # Static fakes for the state: real tensors would make their sizes symbolic in the decode kernels.
+        inputs = list(example_inputs) + [mode.from_tensor(t, static_shapes=True) for t in state_tensors]
+        patches = dict(list_mode_options(cfg.mode)) if cfg.mode not in (None, "default") else {}
+        patches["post_grad_custom_post_pass"] = CacheKeyPass(self.uuid(), inductor_config.post_grad_custom_post_pass)
+
+        def inductor(g: fx.GraphModule, ex: list) -> Callable:
+            return compile_fx(g, ex, config_patches=patches)
+
+        if cfg.regional and not patches.get("triton.cudagraphs"):
+            from pop_fx.regional import compile_blocks
+
+            from torch._dynamo.utils import counters
+
+            stats: dict[str, int] = {}
+            fn = compile_blocks(gm, inputs, inductor, stats)
+            if fn is not None:
+                counters["pop"]["blocks"] += stats["blocks"]
+                counters["pop"]["blocks_compiled"] += stats["compiled"]
+                log.info("regional: %d blocks, %d compiled", stats["blocks"], stats["compiled"])
+                return fn
+        return inductor(gm, inputs)
+
+
+INFERENCE_ONLY = ("pop-fx is inference-only: the pop:: ops of a compiled model have no backward. Run it under "
+                  "torch.no_grad() or torch.inference_mode() (generate() does), or pop_fx.decompile(model) to train")
+
+
+class _NoBackward(torch.autograd.Function):
+    """Identity whose backward raises ``INFERENCE_ONLY``: marks the outputs of a graph run without autograd."""
+
+    @staticmethod
+    def forward(ctx, out, anchor):
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(INFERENCE_ONLY)
+
+
+def _inference_only(fn: Callable, anchor: int) -> Callable:
+    """Run ``fn`` under no_grad; its floating outputs get a backward that raises ``INFERENCE_ONLY`` (input
+    ``anchor`` requires grad, so they require grad as the graph's outputs would)."""
+
+    def mark(t, a):
+        return _NoBackward.apply(t, a) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    def run(*args):
+        with torch.no_grad():
+            out = fn(*args)
+        a = args[anchor]
+        return type(out)(mark(t, a) for t in out) if isinstance(out, (tuple, list)) else mark(out, a)
+
+    return run
+
+
+def debug_log() -> None:
+    """Show the ``pop_fx`` logger's INFO records (the passes' counts, each graph before and after) on stderr;
+    ``PopConfig(debug=True)`` calls it, ``logging.getLogger("pop_fx").setLevel(logging.DEBUG)`` shows more."""
+    if not log.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("[pop] %(message)s"))
+        log.addHandler(h)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
 
 
 def _fake_mode(example_inputs):
@@ -166,9 +229,3 @@ def register() -> None:
     if registry._BACKENDS.get("pop") is not None or "pop" in registry._COMPILER_FNS:
         return
     registry.register_backend(pop_backend, name="pop")
-
-
-def warn_once(msg: str, _seen: set = set()) -> None:  # noqa: B006 - the set is the once-only memory
-    if msg not in _seen:
-        _seen.add(msg)
-        warnings.warn(msg, stacklevel=3)

@@ -59,6 +59,11 @@ class PopConfig:
     mode: str | None = None
     """Inductor mode for the lowering (e.g. "reduce-overhead" for CUDA graphs); None = Inductor's default."""
 
+    regional: bool = True
+    """Compile each distinct repeated block (a decoder layer) once and call it for every identical layer
+    (``pop_fx/regional.py``: seconds instead of minutes for a cold compile); False = Inductor compiles the whole
+    graph at once (fusion across layer boundaries). CUDA-graph modes always compile the whole graph."""
+
     kernels: str = "auto"
     """CUDA decode kernels: "torch" (cuBLAS GEMV over the masked activations, torch.topk), "triton" (pop-fx's
     select + split-K GEMV kernels), "auto" = the measured faster one (torch until a GPU run shows otherwise).
@@ -68,7 +73,7 @@ class PopConfig:
     """scope="sequence": sequences per batch that per-sequence state is allocated for, >= 1."""
 
     debug: bool = False
-    """Print every pass's match counts and the graphs before and after the rewrite."""
+    """Log every graph's pass counts and the graphs before and after the rewrite (the ``pop_fx`` logger, stderr)."""
 
     def __post_init__(self) -> None:
         _check_real("sparsity", self.sparsity, 0.0, 1.0, "0 <= sparsity < 1", hi_open=True)
@@ -84,8 +89,9 @@ class PopConfig:
             raise ValueError(
                 f"PopConfig.max_batch_size={self.max_batch_size!r} is invalid: allowed an integer >= 1"
             )
-        if not isinstance(self.debug, bool):
-            raise ValueError(f"PopConfig.debug={self.debug!r} is invalid: allowed True or False")
+        for name in ("debug", "regional"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"PopConfig.{name}={getattr(self, name)!r} is invalid: allowed True or False")
         # Normalise numbers so that equal configs hash equal (0.5 vs numpy.float64(0.5)).
         object.__setattr__(self, "sparsity", float(self.sparsity))
         object.__setattr__(self, "candidate_ratio", float(self.candidate_ratio))
@@ -121,6 +127,14 @@ class PopConfig:
         if unknown:
             raise ValueError(f"unknown PopConfig option(s) {unknown}: allowed {allowed}")
         return cls(**base)
+
+    def check_compiled(self) -> "PopConfig":
+        """Raise ValueError for a combination the compiled backend cannot serve (the eager reference can)."""
+        if self.candidate_proxy is not None and self.scope != "batch":
+            raise ValueError(f"PopConfig.candidate_proxy={self.candidate_proxy!r} with scope={self.scope!r}: the "
+                             "compiled proxy ops serve scope='batch' only (pop_fx.reference.pruned runs both scopes); "
+                             "allowed candidate_proxy=None with scope='sequence'")
+        return self
 
     @property
     def kernel_code(self) -> int:

@@ -213,6 +213,8 @@ class _Pop:
             return None
         if call.prefill:
             return self._prefill(st, h, seq, valid, call.B)
+        if st.dense is True:  # an expert no prefill token reached, under empty_expert="dense": it stays dense
+            return None
         if st.R is None:
             raise RuntimeError(f"site {path}: a decode step came before any prefill")
         return self._decode(st, h, seq, valid)

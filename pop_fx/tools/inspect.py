@@ -220,7 +220,6 @@ def inspect(model_or_name: Any = "smollm2", config: PopConfig | dict | None = No
     from passes.match_ffn import match_ffns
     from passes.graph import pop_ops_in
 
-    from pop_fx import state as _state
     from passes.pipeline import run_passes
     from pop_fx.tools.capture import capture_graphs
     from pop_fx.tools.models import load_model
@@ -245,6 +244,7 @@ def inspect(model_or_name: Any = "smollm2", config: PopConfig | dict | None = No
         before = {id(m.param): m for m in match_ffns(c.gm)[0]}
         rw = run_passes(c.gm, cfg)
         propagate_shapes(rw.gm, c.example_inputs, rw.state_tensors)
+        inputs = {n: j for j, n in enumerate(n for n in rw.gm.graph.nodes if n.op == "placeholder")}
         kinds = {("decode" if m.is_decode else "prefill") for m in rw.sites}
         gkind = kinds.pop() if len(kinds) == 1 else "other"
         for m in rw.sites:
@@ -257,7 +257,7 @@ def inspect(model_or_name: Any = "smollm2", config: PopConfig | dict | None = No
             out = _replacement(m)
             if is_pop_op(out) or any(is_pop_op(a) for a in out.all_input_nodes):
                 s.rewritten.append(gkind)
-            s.reason = next((n["reason"] for n in _state.notes_of(m.param).get(cfg, []) if n["graph"] == gkind), "")
+            s.reason = next((n.reason for n in rw.notes if n.index == inputs[m.down_weight] and n.graph == gkind), "")
             b = before[key]
             s.ops[gkind] = {"before": site_ops(b.sources[0].x, b.down), "after": site_ops(m.sources[0].x, out, rewritten=True)}
         for sk in rw.skipped:

@@ -174,6 +174,17 @@ class _MLP(nn.Module):
         return self.down_proj(self.mid(self.up_proj(x)))
 
 
+class _ScaledMLP(_MLP):
+    """relu(up(x)) * scale with a learned per-channel scale: not channel-wise for the rewrite's narrower H."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(24))
+
+    def forward(self, x):
+        return self.down_proj(torch.relu(self.up_proj(x)) * self.scale)
+
+
 def _break_after_act(h):
     h = torch.relu(h)
     torch._dynamo.graph_break()
@@ -200,6 +211,10 @@ class _Block(nn.Module):
 # the graph matcher or the module discovery))
 UNSUPPORTED = {
     "unknown_op": (lambda: _MLP(mid=lambda h: torch.sin(h) * torch.relu(h)), 0.5, "sin between the up and down"),
+    # No known activation at all: still an FFN (an up projection feeds the down one), reported with the op.
+    "sin_alone": (lambda: _MLP(mid=torch.sin), 0.5, "sin between the up and down"),
+    "softsign": (lambda: _MLP(mid=F.softsign), 0.5, "between the up and down"),
+    "per_channel_scale": (lambda: _ScaledMLP(), 0.5, "mlp.scale (a per-channel tensor)"),
     "cumsum": (lambda: _MLP(mid=lambda h: torch.cumsum(F.gelu(h), dim=-1)), 0.5, "cumsum"),
     "d_ff_too_small": (lambda: _MLP(d_ff=1), 0.6, "d_ff=1 too small for sparsity=0.6 (n_keep < 1)"),
     "foreign_up": (lambda: _MLP(up=_ScaledLinear), 0.5, "not a known elementwise op"),
@@ -233,6 +248,31 @@ def test_unsupported_ffn_is_left_dense_reported_and_exact(case):
     else:
         assert [d["path"] for d in rep.dense] == ["mlp"]
         assert reason in rep.dense[0]["reason"], rep.dense[0]["reason"]
+
+
+class _TanhHead(nn.Module):
+    """A block, then tanh before an LM head: the head is no FFN (no up projection feeds the tanh)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = _Block(_MLP())
+        self.norm = nn.LayerNorm(D)
+        self.lm_head = nn.Linear(D, 40, bias=False)
+
+    def forward(self, x):
+        return self.lm_head(torch.tanh(self.norm(self.block(x))))
+
+
+def test_an_lm_head_after_tanh_is_not_an_ffn():
+    torch._dynamo.reset()
+    model = _TanhHead().eval()
+    _KEEP.append(model)
+    compiled = torch.compile(model, backend="pop", options=dict(EAGER))
+    with torch.no_grad():
+        for L in (5, 1):
+            compiled(torch.randn(2, L, D))
+    rep = pop_fx.report(model, PopConfig(**EAGER))
+    assert [s["path"] for s in rep.sites] == ["block.mlp"] and rep.dense == [] and rep.warnings == [], str(rep)
 
 
 def test_unsupported_ffn_through_inductor_equals_stock_inductor():
@@ -464,7 +504,7 @@ def test_soak_smoke():
     r = soak.soak(calls=3, lowering="eager", warmup=2, recompile_limit=64)
     assert r["probe_same_tokens"] and r["probe_max_logit_diff"] == 0
     assert not r["recompile_limit_hit"] and r["backend_invocations"] <= 16
-    assert all(g["counts"]["matched"] == 2 for g in r["graphs"])
+    assert all(g["counts"]["match_ffn"] == 2 for g in r["graphs"])
 
 
 
