@@ -116,16 +116,20 @@ def signature(gm: fx.GraphModule) -> tuple:
     return tuple(out)
 
 
-class _Call(torch.nn.Module):
-    """A compiled block as a submodule of the split graph (AOT-compiled functions take and return tuples)."""
+def _call_directly(split: fx.GraphModule, node: fx.Node, fn: Callable, single: bool) -> fx.Node:
+    """Make the split graph call the compiled block as a plain function (no nn.Module call per layer); a block that
+    returned one value gets it back out of the tuple compiled functions return."""
 
-    def __init__(self, fn: Callable, single: bool):
-        super().__init__()
-        self.fn, self.single = fn, single
+    def block(*args):
+        return fn(*args)[0] if single else fn(*args)
 
-    def forward(self, *args):
-        out = self.fn(*args)
-        return out[0] if self.single and isinstance(out, (tuple, list)) else out
+    g = split.graph
+    with g.inserting_before(node):
+        call = g.call_function(block, node.args, node.kwargs)
+    node.replace_all_uses_with(call)
+    g.erase_node(node)
+    split.delete_submodule(node.target)
+    return call
 
 
 def compile_blocks(gm: fx.GraphModule, example_inputs: list, compile_one: Callable[[fx.GraphModule, list], Callable],
@@ -165,8 +169,7 @@ def compile_blocks(gm: fx.GraphModule, example_inputs: list, compile_one: Callab
             compiled[key] = compile_one(sub, list(args))
         with mode:
             out = sub(*args, **kwargs)  # the block's outputs as fakes: the next blocks' example inputs
-        env[node] = out[0] if single else out
-        setattr(split, node.target, _Call(compiled[key], single))
+        env[_call_directly(split, node, compiled[key], single)] = out[0] if single else out
     split.recompile()
     if stats is not None:
         stats.update(blocks=n_blocks, compiled=len(compiled))
