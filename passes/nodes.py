@@ -56,8 +56,9 @@ def input_name(n: fx.Node) -> str:
     name = name() if callable(name) else name  # a method in some torch releases, a property in others
     if not isinstance(name, str):
         name = n.name
+    name = re.sub(r"^L\['(self|args|kwargs)'\](\[(\d+|'[^']*')\])?", "", name)  # the root module
     name = re.sub(r"\._(modules|parameters|buffers)\['([^']*)'\]", r".\2", name)
-    name = re.sub(r"\['([^']*)'\]", r".\1", name).replace("L.self.", "").replace("L.args.", "").replace("L.", "")
+    name = re.sub(r"\['([^']*)'\]", r".\1", name)
     return name.lstrip(".")
 
 
