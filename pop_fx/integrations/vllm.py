@@ -54,6 +54,8 @@ from torch import Tensor, nn
 
 from pop_fx import partition as P
 from pop_fx.config import PopConfig
+from pop_fx.integrations import keep_top
+from pop_fx.integrations.keep_top import keep_top_
 from pop_fx.ops.ragged_prefill import ragged_prefill
 from pop_fx.serving.phases import DECODE, DENSE, LAST, PREFILL
 from pop_fx.serving.ragged_decode import keep_mask
@@ -78,6 +80,8 @@ class Options:
     decode: str = "auto"
     """"auto": per decode batch size the fastest of layouts / ragged / dense, timed at load (dense: not POP);
     "pop": the faster of layouts / ragged (every token POP); "layouts" or "ragged": that path always"""
+    layout_mb: float = 2048
+    """MiB for per-slot R ∪ C copies (all layers, requests alive); a request past it decodes without layouts"""
 
     @classmethod
     def from_env(cls) -> "Options | None":
@@ -86,9 +90,10 @@ class Options:
             return None
         fields = json.loads(raw)
         decode = fields.pop("decode", "auto")
+        layout_mb = float(fields.pop("layout_mb", cls.layout_mb))
         if decode not in ("auto", "pop", "layouts", "ragged"):
             raise ValueError(f"{ENV}: decode={decode!r} is invalid: allowed 'auto', 'pop', 'layouts', 'ragged'")
-        return cls(PopConfig.from_options(fields), decode)
+        return cls(PopConfig.from_options(fields), decode, layout_mb)
 
 
 def config_from_env() -> PopConfig | None:
@@ -110,13 +115,17 @@ class VllmStep:
     """"dense" (vLLM's MLP), "ragged" (some prefill row, or the chosen decode path), "layouts" (decode only)"""
     has_prefill: bool = False
     fixed: list[int] = field(default_factory=list)
-    """slots whose partition is fixed in this step (a LAST row): their layouts are written after it"""
+    """slots whose partition is fixed in this step (a LAST row) and that get per-slot layouts after it"""
     decode_slots: list[int] = field(default_factory=list)
     """the slot of each row, on the host, when every row decodes"""
-    table: dict[int, str] = field(default_factory=dict)
-    """decode batch size -> path (``Options.decode``; measured at load under "auto" and "pop")"""
+    table: dict[int, list[str]] = field(default_factory=dict)
+    """decode batch size -> paths, fastest first (``Options.decode``; timed at load under "auto" and "pop")"""
     forced: str | None = None
-    """a decode path for every decode-only step ("layouts", "ragged"), or None: ``table``'s"""
+    """a decode path for every decode-only step ("layouts", "ragged", "dense"), or None: ``table``'s"""
+    with_layouts: set[int] = field(default_factory=set)
+    """slots whose request has per-slot layouts (within ``Options.layout_mb``)"""
+    pop_flag: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.bool))
+    """path != "dense", one persistent tensor the compiled graph's ``torch.cond`` reads"""
     paths: Counter = field(default_factory=Counter)
     """steps run per path (decode-only steps by path; "ragged" also counts every step with a prefill row)"""
 
@@ -132,11 +141,14 @@ class VllmStep:
             self.path = "dense"  # profile and dummy runs; a resumed request's prompt alone
         elif (phase == DECODE).all() and len(set(slot.tolist())) == len(slot):
             self.decode_slots = slot.tolist()
-            self.path = self.forced or self.table.get(len(slot), "ragged")
+            paths = [self.forced] if self.forced else self.table.get(len(slot), ["ragged"])
+            laid_out = self.with_layouts.issuperset(self.decode_slots)
+            self.path = next((p for p in paths if p != "layouts" or laid_out), "ragged")
         else:
             self.path = "ragged"  # a resumed request's generated tokens next to its DENSE prompt rows
         if len(slot):
             self.paths[self.path] += 1
+        self.pop_flag.fill_(self.path != "dense")
 
     def clear(self) -> None:
         self.set_rows(np.zeros(0, np.int64), np.zeros(0, np.int64), [])
@@ -216,8 +228,11 @@ class PopVllmMLP(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():  # vLLM's compiled model: one opaque op, its path chosen at run time
-            return torch.ops.pop.vllm_mlp(x, _LAYERS.index(self))
+        if torch.compiler.is_compiling():
+            # vLLM's compiled model is traced once: the step's path is a run-time choice between vLLM's own MLP,
+            # compiled in the graph (dense steps), and one opaque op that runs POP's paths
+            layer = _LAYERS.index(self)
+            return torch.cond(self.step.pop_flag, lambda x: torch.ops.pop.vllm_mlp(x, layer), self.mlp, (x,))
         return self.run(x)
 
     def run(self, x: Tensor) -> Tensor:
@@ -250,42 +265,10 @@ class PopVllmMLP(nn.Module):
         for t, s in enumerate(slots):
             gemv_in, gemv_down, wd_norm_c = self.slot_gemv[s]
             h = act(gemv_in(x if len(slots) == 1 else x[t : t + 1]))  # [1, pad]: R, C, then zeros
-            keep_top_candidates_(h[:, n_R:n_rc], wd_norm_c, k)
+            keep_top_(h[:, n_R:n_rc], wd_norm_c, k)
             ys.append(gemv_down(h))
         y = ys[0] if len(ys) == 1 else torch.cat(ys)
         return y if self.bias is None else y + self.bias
-
-
-def top_candidates(h_c: Tensor, wd_norm_c: Tensor, n_select: int) -> Tensor:
-    """[1, n_select] positions of one row's top candidates (h_c [1, n_C]) by |h|·||Wd[:, j]||: the set
-    ``partition.candidate_topk`` picks (ties by the lower index, NaN last)."""
-    return torch.topk(_candidate_keys(h_c, wd_norm_c), n_select, dim=-1, sorted=False).indices
-
-
-def keep_top_candidates_(h_c: Tensor, wd_norm_c: Tensor, n_select: int) -> None:
-    """Zero, in place, all of one row's candidates but its ``top_candidates``: keys at or above the
-    n_select-th largest (keys are unique, so exactly n_select of them)."""
-    if n_select >= h_c.shape[-1]:
-        return
-    if n_select == 0:
-        h_c.zero_()
-        return
-    keys = _candidate_keys(h_c, wd_norm_c)
-    kth = torch.kthvalue(keys, keys.shape[-1] - n_select + 1, dim=-1, keepdim=True).values
-    h_c.mul_(keys >= kth)
-
-
-def _candidate_keys(h_c: Tensor, wd_norm_c: Tensor) -> Tensor:
-    """``partition.rank_keys`` of |h|·||Wd[:, j]|| in fewer eager ops (the decode path runs them per layer and
-    row): these scores are never negative, and a non-negative fp32's bits order as it does; NaN becomes -1."""
-    s = h_c.to(torch.float32, copy=True).abs_().mul_(wd_norm_c)
-    bits = torch.nan_to_num_(s, nan=-1.0, posinf=float("inf")).view(torch.int32)
-    return torch.add(_tie_breaks(s.shape[-1]), bits, alpha=1 << 32)  # bits · 2³² + (n - 1 - j), in int64
-
-
-@functools.cache
-def _tie_breaks(n: int) -> Tensor:
-    return (n - 1) - torch.arange(n, dtype=torch.int64)
 
 
 def _gemv(w: Tensor):
@@ -323,8 +306,11 @@ class Requests:
     A slot is a request's from its first scheduled chunk until it finishes; a preempted request keeps it until
     the slot is needed by a scheduled request, then its state waits on the host (``parked``) until it returns."""
 
-    def __init__(self, n_slots: int, ffns: list[PopVllmMLP]):
+    def __init__(self, n_slots: int, ffns: list[PopVllmMLP], max_layouts: int = 0):
         self.ffns = ffns
+        self.max_layouts = max_layouts
+        """requests alive (running, preempted or parked) that may hold per-slot layouts at once"""
+        self.laid_out: set[str] = set()
         self.free = list(range(n_slots))
         self.slot: dict[str, int] = {}
         self.prompt_len: dict[str, int] = {}
@@ -337,7 +323,7 @@ class Requests:
         self.stats: Counter = Counter()
         """"chunked": prompt chunks before a last one; "resumed": preempted requests back; "parked": slot states
         moved to the host; "prefix_hits": new requests whose prompt started past a cached prefix (partitioned
-        from their uncached tokens only)"""
+        from their uncached tokens only); "no_layouts": requests past ``max_layouts`` (they decode without)"""
 
     def release(self, rid: str) -> None:
         s = self.slot.pop(rid, None)
@@ -346,6 +332,7 @@ class Requests:
                 f.reset_slot(s)
             self.free.append(s)
         self.parked.pop(rid, None)
+        self.laid_out.discard(rid)
         self.prompt_len.pop(rid, None)
         self.fed.pop(rid, None)
 
@@ -387,12 +374,19 @@ class Requests:
             pos = np.arange(c, c + n)
             prompt = np.where(c + n >= P_, LAST, PREFILL)
             phase = np.where(pos >= P_, DECODE, np.where(pos < fed, DENSE, prompt)).astype(np.int64)
-            if fed < P_ <= c + n:
+            if fed < P_ <= c + n and len(self.laid_out) < self.max_layouts:
+                self.laid_out.add(rid)
                 self.fixed.append(self.slot[rid])
+            elif fed < P_ <= c + n:
+                self.stats["no_layouts"] += 1
             elif fed < c + n < P_:
                 self.stats["chunked"] += 1
             self.fed[rid] = max(fed, min(c + n, P_))
             self.rows[rid] = (self.slot[rid], phase)
+
+    @property
+    def layout_slots(self) -> set[int]:
+        return {self.slot[r] for r in self.laid_out if r in self.slot}
 
     def layout(self, req_ids: list[str], n_rows: int) -> tuple[np.ndarray, np.ndarray]:
         """(slot, phase) of the step's ``n_rows`` token rows, requests in vLLM's batch order; padding rows DENSE."""
@@ -478,7 +472,12 @@ class PopV1:
         if not self.ffns:
             raise RuntimeError(f"pop_fx: {ENV} is set but {type(runner.model).__name__} has no MLP of "
                                f"{MLP_CLASSES}: nothing to prune")
-        self.requests = Requests(S, self.ffns)
+        f0 = self.ffns[0]
+        per_slot = sum((3 * f.pad * f.w_down.shape[0]) * f.w_down.element_size() for f in self.ffns)
+        max_layouts = min(S, int(options.layout_mb * 2**20 // per_slot)) if f0.layouts else 0
+        self.requests = Requests(S, self.ffns, max_layouts)
+        if f0.layouts:
+            keep_top.kernel()  # the decode path's C++ selection, built (once per machine) before the first step
         if options.decode in ("auto", "pop"):
             self.step.table = measure_decode_paths(self.ffns, self.step, S, options.decode == "auto")
         self.step.clear()
@@ -490,6 +489,7 @@ class PopV1:
             rows = ids.shape[0] if ids is not None else kwargs["inputs_embeds"].shape[0]
             if self.requests.rows:
                 slot, phase = self.requests.layout(runner.input_batch.req_ids, rows)
+                self.step.with_layouts = self.requests.layout_slots
                 self.step.set_rows(slot, phase, self.requests.fixed)
             try:
                 return forward(*args, **kwargs)
@@ -498,15 +498,16 @@ class PopV1:
                 self.step.clear()
 
         runner.model.forward = forward_pop
-        log.info("pop_fx: POP on %d MLPs (sparsity=%s, candidate_ratio=%s), %d slots, decode=%s %s",
-                 len(self.ffns), options.pop.sparsity, options.pop.candidate_ratio, S, options.decode,
+        log.info("pop_fx: POP on %d MLPs (sparsity=%s, candidate_ratio=%s), %d slots, per-slot layouts for %d "
+                 "requests (%.0f MiB each), decode=%s %s", len(self.ffns), options.pop.sparsity,
+                 options.pop.candidate_ratio, S, max_layouts, per_slot / 2**20, options.decode,
                  self.step.table or "")
 
 
 @torch.no_grad()
 def measure_decode_paths(ffns: list[PopVllmMLP], step: VllmStep, max_n: int, with_dense: bool,
-                         rounds: int = 7) -> dict[int, str]:
-    """Decode batch size -> the fastest path, timed on every MLP in turn (a step's FFN part) with random rows and
+                         rounds: int = 7) -> dict[int, list[str]]:
+    """Decode batch size -> the paths, fastest first, timed on every MLP in turn (a step's FFN part) with random rows and
     the data-free partitions; the paths alternate within each round and the median round counts. Per-slot
     layouts read one R ∪ C copy per request, so once they lose twice in a row they are not timed further;
     between the powers of two timed, a batch size takes the path of the next one."""
@@ -537,9 +538,9 @@ def measure_decode_paths(ffns: list[PopVllmMLP], step: VllmStep, max_n: int, wit
                     f.run(x[:n])
                 times[p].append(time.perf_counter() - t0)
         med = {p: min(v) * 1e3 for p, v in times.items()}
-        best[n] = min(med, key=med.get)
+        best[n] = sorted(med, key=med.get)
         if "layouts" in med:
-            lost = lost + 1 if best[n] != "layouts" else 0
+            lost = lost + 1 if best[n][0] != "layouts" else 0
         report.append(f"{n}: " + ", ".join(f"{p} {v:.2f}" for p, v in med.items()))
     for f in ffns:
         for s in range(built):
@@ -644,5 +645,5 @@ def register() -> None:
     CPUModelRunner._pop_fx = True
 
 
-__all__ = ["ENV", "Options", "PopVllmMLP", "Requests", "VllmStep", "config_from_env", "keep_top_candidates_",
-           "measure_decode_paths", "register", "swap", "top_candidates", "update_from_v2_batch", "vllm_mlp"]
+__all__ = ["ENV", "Options", "PopVllmMLP", "Requests", "VllmStep", "config_from_env", "measure_decode_paths",
+           "register", "swap", "update_from_v2_batch", "vllm_mlp"]

@@ -65,8 +65,10 @@ def _vllm(tmp: Path, name: str, spec: dict, expect_failure: bool = False) -> dic
     """Run the driver on ``spec``; its output (or, with ``expect_failure``, its stderr)."""
     spec_path, out_path = tmp / f"{name}.json", tmp / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
+    # OMP_NUM_THREADS=1: vLLM's CPU worker otherwise keeps an OpenMP thread per core, and on a shared 2-core CI
+    # machine a 2-thread oneDNN GEMV waits milliseconds on a descheduled thread (examples/vllm_bench.py)
     env = dict(os.environ, VLLM_CACHE_ROOT=str(tmp / "vllm-cache"), VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     env.pop("PYTHONPATH", None)
     proc = subprocess.run([str(VLLM_PYTHON), str(DRIVER), str(spec_path), str(out_path)], env=env,
                           capture_output=True, text=True, timeout=900)

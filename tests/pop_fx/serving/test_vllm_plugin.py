@@ -14,6 +14,7 @@ from torch import nn
 
 from pop_fx import partition as P
 from pop_fx.config import PopConfig
+from pop_fx.integrations import keep_top
 from pop_fx.integrations import vllm as plugin
 from pop_fx.serving import DECODE, DENSE, LAST, PREFILL, RaggedPopFFN, StepInfo
 
@@ -84,6 +85,7 @@ def test_vllm_mlp_equals_the_ragged_ffn():
              ([6, 3, 0], [DECODE, DECODE, DENSE], []),                   # a DENSE row: the ragged path
              ([6, 3], [DECODE, DECODE], []),                             # decode only: the decode path
              ([3], [DECODE], [])]
+    vstep.with_layouts = {3, 6}  # (what the request map grants: both fit the budget)
     for path in ("ragged", "layouts"):
         vstep.forced = path
         for slot, phase, fixed in steps:
@@ -102,7 +104,7 @@ def test_vllm_mlp_equals_the_ragged_ffn():
 
 def test_dense_path_is_vllms_own_mlp():
     holder, f, step = _pop_mlp(PopConfig(sparsity=0.7))
-    step.table = {2: "dense"}
+    step.table = {2: ["dense", "layouts"]}
     _rows(step, [0, 1], [LAST, LAST], [0, 1])
     x = torch.randn(2, 10)
     with torch.no_grad():
@@ -115,20 +117,29 @@ def test_dense_path_is_vllms_own_mlp():
 @settings(max_examples=40, deadline=None)
 @given(h=st.lists(st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 2.0, float("nan"), float("inf")]), min_size=1,
                   max_size=12),
-       k=st.integers(0, 12), seed=st.integers(0, 50))
-def test_candidate_selection_equals_the_references(h, k, seed):
-    """Ties (repeated values), -0.0, NaN and inf: the decode path's selection is exactly ``candidate_topk``'s set."""
-    h_c = torch.tensor([h])
-    wn = torch.rand(len(h), generator=torch.Generator().manual_seed(seed)).round(decimals=1)  # ties in the norms too
+       k=st.integers(0, 12), seed=st.integers(0, 50), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_candidate_selection_equals_the_references(h, k, seed, dtype):
+    """Ties (repeated values), -0.0, NaN and inf, fp32 and bf16 activations: the decode path keeps exactly
+    ``candidate_topk``'s set, and drops the others as ``h * mask`` does (the ragged path), in its eager form and
+    its C++ form."""
+    row = torch.tensor([[7.0] * 3 + h + [7.0]], dtype=dtype)  # a row slice at an offset, as the decode path has
+    h_c = row[:, 3:-1]
+    wn = torch.rand(len(h), generator=torch.Generator().manual_seed(seed)).round(decimals=1)  # ties in the norms
     k = min(k, len(h))
-    want = P.candidate_topk(h_c, wn[None], k, per_sequence=True)[0]
-    assert sorted(plugin.top_candidates(h_c, wn, k)[0].tolist()) == sorted(want.tolist())
-    kept = h_c.clone()
-    plugin.keep_top_candidates_(kept, wn, k)  # the decode path's in-place form: the same channels survive
-    dropped = torch.ones(len(h), dtype=torch.bool)
-    dropped[want] = False
-    assert torch.equal(kept[0, ~dropped].nan_to_num(), h_c[0, ~dropped].nan_to_num())
-    assert not kept[0, dropped & ~h_c[0].isnan() & ~h_c[0].isinf()].any()
+    mask = torch.zeros(1, len(h), dtype=dtype)
+    mask[0, P.candidate_topk(h_c, wn[None], k, per_sequence=True)[0]] = 1
+    want = h_c * mask
+    forms = [keep_top.keep_top_reference_] + ([keep_top.kernel()] if keep_top.kernel() else [])
+    for keep in forms:
+        got = row.clone()
+        keep(got[:, 3:-1], wn, k)
+        torch.testing.assert_close(got[:, 3:-1], want, equal_nan=True, atol=0, rtol=0)
+        assert torch.equal(got[:, :3], row[:, :3]) and torch.equal(got[:, -1:], row[:, -1:])
+
+
+def test_the_cpp_selection_builds_here():
+    """The C++ form is what the decode path runs on this CPU: it must build where the tests run."""
+    assert keep_top.kernel() is not None
 
 
 def _sched(new=(), cached=(), tokens=None, finished=(), resumed=()):
@@ -160,7 +171,7 @@ class _Slots:
 
 def test_request_map_phases_chunks_resumes_and_parks():
     f = _Slots()
-    reqs = plugin.Requests(2, [f])
+    reqs = plugin.Requests(2, [f], max_layouts=2)
     # a: 6-token prompt cut 4 + 2; b: 3-token prompt whole
     reqs.schedule(_sched(new=[("a", 6, 0), ("b", 3, 0)], tokens={"a": 4, "b": 3}))
     assert reqs.rows["a"][1].tolist() == [PREFILL] * 4 and reqs.rows["b"][1].tolist() == [LAST] * 3
@@ -180,10 +191,26 @@ def test_request_map_phases_chunks_resumes_and_parks():
 
 def test_request_map_preempted_mid_prompt_keeps_its_partial_sum():
     """A request preempted before its last chunk resumes where its Σh² stopped, even past a cached prefix."""
-    reqs = plugin.Requests(1, [_Slots()])
+    reqs = plugin.Requests(1, [_Slots()], max_layouts=1)
     reqs.schedule(_sched(new=[("a", 10, 0)], tokens={"a": 4}))
     reqs.schedule(_sched(cached=[("a", 2)], tokens={"a": 8}, resumed=["a"]))  # 2 tokens of KV survived
     assert reqs.rows["a"][1].tolist() == [DENSE] * 2 + [LAST] * 6 and reqs.fixed == [0]
+
+
+def test_layouts_stay_within_their_budget():
+    """Past ``max_layouts`` requests get no per-slot copies, and a decode step naming one of them takes the next
+    fastest path of the table instead of layouts."""
+    reqs = plugin.Requests(3, [_Slots()], max_layouts=1)
+    reqs.schedule(_sched(new=[("a", 2, 0), ("b", 2, 0)], tokens={"a": 2, "b": 2}))
+    assert reqs.fixed == [reqs.slot["a"]] and reqs.stats["no_layouts"] == 1
+    assert reqs.layout_slots == {reqs.slot["a"]}
+    step = plugin.VllmStep(table={1: ["layouts", "dense", "ragged"]}, with_layouts=reqs.layout_slots)
+    _rows(step, [reqs.slot["a"]], [DECODE])
+    assert step.path == "layouts"
+    _rows(step, [reqs.slot["b"]], [DECODE])
+    assert step.path == "dense"
+    reqs.schedule(_sched(new=[("c", 2, 0)], cached=[("b", 2)], tokens={"b": 1, "c": 2}, finished=["a"]))
+    assert reqs.fixed == [reqs.slot["c"]] and reqs.layout_slots == {reqs.slot["c"]}
 
 
 def test_request_map_counts_prefix_cache_hits():
@@ -210,7 +237,7 @@ def test_measured_table_names_a_path_for_every_batch_size():
     _, f, step = _pop_mlp(PopConfig(sparsity=0.5), slots=5)
     for with_dense, allowed in ((True, set(plugin.DECODE_PATHS)), (False, {"layouts", "ragged"})):
         table = plugin.measure_decode_paths([f], step, 5, with_dense, rounds=2)
-        assert sorted(table) == [1, 2, 3, 4, 5] and set(table.values()) <= allowed
+        assert sorted(table) == [1, 2, 3, 4, 5] and all(v and set(v) <= allowed for v in table.values())
     assert all(g is None for g in f.slot_gemv)  # the timing's layouts are dropped
 
 
