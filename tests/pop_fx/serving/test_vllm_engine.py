@@ -133,15 +133,36 @@ def test_every_request_equals_its_solo_reference(llama, pop_eager, run):
         assert res["paths"]["layouts"] > 0, res["paths"]
 
 
+@torch.no_grad()
+def _solo_partitioned_from(model, prompt: list[int], seen_from: int, max_new: int, config: PopConfig) -> list[int]:
+    """The request alone in the harness engine, its prompt's first ``seen_from`` tokens DENSE (attended to, not in
+    its Σh²) and the rest one LAST chunk: POP partitioned from the uncached part of the prompt only."""
+    from pop_fx.serving.engine import Engine, Request, Spec
+    from pop_fx.serving.phases import DECODE, DENSE, LAST
+
+    eng = Engine(model, config, max_slots=1)
+    req = Request(0, Spec(prompt, max_new))
+    eng.admit(req)
+    eng.forward([(req, prompt[:seen_from], [DENSE] * seen_from)])
+    out = [int(eng.forward([(req, prompt[seen_from:], [LAST] * (len(prompt) - seen_from))])[0].argmax())]
+    while len(out) < max_new:
+        out.append(int(eng.forward([(req, [out[-1]], [DECODE])])[0].argmax()))
+    return out
+
+
 def test_prefix_cache_hit_partitions_from_the_uncached_tokens(llama, pop_eager):
     """What prefix caching does to POP, forced: a request whose first 64 prompt tokens hit the cache never runs
-    them through the MLP, so its Σh² (and partition) covers its other 16 tokens only; the plugin counts it. The
-    request that filled the cache is exact."""
+    them through the MLP, so its Σh² (and partition) covers its other 16 tokens only — exactly the harness engine
+    run with those 64 tokens DENSE, and not its solo reference; the plugin counts it. The request that filled the
+    cache is exact."""
     runs, out = pop_eager
     first, hit = out["runs"]["prefix_first"], out["runs"]["prefix_hit"]
     assert first["cached"] == [0] and first["stats"].get("prefix_hits", 0) == 0
     _assert_equal_to_solo(llama[1], runs[-2], first["tokens"], POP)
     assert hit["cached"] == [64] and hit["stats"]["prefix_hits"] == 1
+    prompt = runs[-1]["prompts"][0]
+    assert hit["tokens"][0] == _solo_partitioned_from(llama[1], prompt, 64, 8, POP)
+    assert hit["tokens"][0] != solo(llama[1], prompt, 8, POP)
 
 
 def test_dense_vllm_equals_the_dense_model_and_pop_changes_tokens(tmp, llama, pop_eager):
