@@ -144,6 +144,11 @@ class Report:
     sites: list[dict] = field(default_factory=list)
     dense: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    choices: list[dict] = field(default_factory=list)
+    """Per decode op and shapes, the implementation its lowering chose (``pop_fx.autotune``): ``op``, ``shapes``,
+    ``choice``, ``how`` ("measured" / "cached" by Inductor's autotuner, "pinned", "only choice", "fallback: ...",
+    "earlier: ..." when a graph came from Inductor's FX graph cache) and ``times_ms``, the benchmark time Inductor
+    saw for each choice"""
 
     @property
     def extra_bytes(self) -> int:
@@ -157,7 +162,7 @@ class Report:
         return out
 
     def as_dict(self) -> dict:
-        return {"sites": self.sites, "dense": self.dense, "warnings": self.warnings,
+        return {"sites": self.sites, "dense": self.dense, "warnings": self.warnings, "choices": self.choices,
                 "counts": self.counts(), "extra_bytes": self.extra_bytes}
 
     def __str__(self) -> str:
@@ -170,17 +175,27 @@ class Report:
                          f"{s['n_C']:6d} {s['n_P']:6d} {','.join(s['graphs'])}{note}")
         for d in self.dense:
             lines.append(f"{d['path']:40s} dense: {d['reason']}")
+        if self.choices:
+            lines.append(f"{'op':20s} {'shapes':46s} {'choice':14s} how [Inductor's benchmark, ms]")
+        for c in self.choices:
+            times = ", ".join(f"{k} {v:.4g}" for k, v in sorted(c["times_ms"].items(), key=lambda kv: kv[1]))
+            lines.append(f"{c['op']:20s} {c['shapes']:46s} {c['choice']:14s} {c['how']}" + (f" [{times}]" if times else ""))
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
 
 def report(model: torch.nn.Module, config: PopConfig | None = None) -> Report:
-    """Every POP site of ``model`` (path, kind, d_ff, |R|, |C|, |P|) and every FFN-like block left dense, with why.
+    """Every POP site of ``model`` (path, kind, d_ff, |R|, |C|, |P|), every FFN-like block left dense, with why, and
+    the implementation each decode op's lowering chose (``choices``: Inductor's autotuner under ``kernels="auto"``).
 
-    Filled as graphs are compiled: call it after a ``generate()`` (or any forward) of the compiled model.
+    Filled as graphs are compiled: call it after a ``generate()`` (or any forward) of the compiled model. Models
+    compiled with equal configs share their graphs, and so their choices.
     """
+    from pop_fx import autotune
+
     cfg = config or getattr(model, "_pop_config", None)
     rep = Report()
+    rep.choices = [d.as_dict() for d in autotune.decisions(cfg, earlier=cfg is not None)]
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:

@@ -131,6 +131,10 @@ class PopCompiler:
         inputs = list(example_inputs) + [mode.from_tensor(t, static_shapes=True) for t in state_tensors]
         patches = dict(list_mode_options(cfg.mode)) if cfg.mode not in (None, "default") else {}
         patches["post_grad_custom_post_pass"] = CacheKeyPass(self.uuid(), inductor_config.post_grad_custom_post_pass)
+        from pop_fx import autotune  # the kernels pass: the config's code (auto / a family / pins) into every pop:: op
+
+        patches.update(autotune.inductor_patches(cfg, {"post_grad_custom_pre_pass":
+                                                       inductor_config.post_grad_custom_pre_pass}))
 
         def inductor(g: fx.GraphModule, ex: list) -> Callable:
             return compile_fx(g, ex, config_patches=patches)

@@ -10,11 +10,18 @@ projection are per sequence: the unselected channels of each row are zeroed and 
 serves the batch. That is the fastest correct path on both devices at batch > 1: per-sequence gathers
 would read B partial copies of Wd instead of one whole one, and on a GPU a row-major [d_out, d_ff] weight
 read at half its columns, scattered, touches nearly every sector anyway. What this scope saves over dense
-is arithmetic, not bytes (README "Speed" says what it costs).
+is arithmetic, not bytes (docs/benchmarks.md says what it costs).
 
-* ``decode_seq_reference`` — plain torch (the CPU path, traced by Inductor, and the CUDA default);
-* ``kernels="triton"`` on CUDA — the same masked product through ``splitk_gemv``'s split-K GEMV (each
-  weight read once for up to ``BLOCK_B`` rows, coalesced along d_ff; bias and cast in its finishing launch).
+Implementations (``pop_fx.autotune`` choices; under ``kernels="auto"`` Inductor measures those that serve):
+
+* ``masked`` — ``decode_seq_reference``, plain torch: each row's unselected channels zeroed, one dense down GEMM
+  for the batch (today's dispatch for the torch family);
+* ``gather`` — each row's kept channels gathered from Wd (a [B, n_keep, d_out] copy) and one batched GEMV
+  (reads n_keep columns a row instead of d_ff, B times);
+* ``gather_sum`` — the same products as one reduction Inductor fuses the gather into (no copy; fp32 accumulation);
+* ``triton_splitk`` (CUDA, ``kernels="triton"``'s default) — the masked product through ``splitk_gemv``'s
+  split-K GEMV (each weight read once for up to ``BLOCK_B`` rows, coalesced along d_ff; bias and cast in its
+  finishing launch).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pop_fx import autotune
 from pop_fx.ops.layout import CONV1D  # Conv1D stores Wd as [d_ff, d_out]
 from pop_fx.ops.decode import triton_serves
 from pop_fx.ops.splitk_gemv import gemv_triton
@@ -59,13 +67,76 @@ def decode_seq_reference(h: Tensor, wd: Tensor, bd: Tensor | None, wd_norm: Tens
     return y.reshape(*h.shape[:-1], y.shape[-1])
 
 
-@torch.library.triton_op("pop::decode_seq", mutates_args=())
-def decode_seq(h: Tensor, wd: Tensor, bd: Tensor | None, wd_norm: Tensor, rc_idx: Tensor, n_R: int, n_select: int,
-               flags: int, kernels: int = 0) -> Tensor:
-    if kernels == 1 and not flags & CONV1D and triton_serves(h.reshape(h.shape[0], -1)):
-        y = gemv_triton(_masked(h, wd_norm, rc_idx, n_R, n_select), wd, launch=torch.library.wrap_triton, bias=bd)
-        return y.reshape(*h.shape[:-1], y.shape[-1])
+def _kept_weights(h: Tensor, wd: Tensor, wd_norm: Tensor, rc_idx: Tensor, n_R: int, n_select: int, flags: int):
+    """(h's kept values [B, n_keep], Wd's kept columns as rows [B, n_keep, d_out], a view's source) per sequence."""
+    h2 = h.reshape(h.shape[0], h.shape[-1])
+    keep = keep_indices(h2, wd_norm, rc_idx, n_R, n_select)  # [B, n_keep]
+    rows = wd if flags & CONV1D else wd.t()  # [d_ff, d_out]
+    return h2.gather(1, keep), rows[keep]
+
+
+def decode_seq_gather(h: Tensor, wd: Tensor, bd: Tensor | None, wd_norm: Tensor, rc_idx: Tensor, n_R: int,
+                      n_select: int, flags: int) -> Tensor:
+    """Each sequence's kept columns of Wd gathered, then one batched GEMV."""
+    h_k, w_k = _kept_weights(h, wd, wd_norm, rc_idx, n_R, n_select, flags)
+    y = torch.bmm(h_k.unsqueeze(1), w_k).squeeze(1)
+    if bd is not None:
+        y = y + bd
+    return y.reshape(*h.shape[:-1], y.shape[-1])
+
+
+def decode_seq_gather_sum(h: Tensor, wd: Tensor, bd: Tensor | None, wd_norm: Tensor, rc_idx: Tensor, n_R: int,
+                          n_select: int, flags: int) -> Tensor:
+    """Σ_j h[b, j] · Wd[:, j] over each sequence's kept channels as one reduction (the gather fuses into it)."""
+    h_k, w_k = _kept_weights(h, wd, wd_norm, rc_idx, n_R, n_select, flags)
+    y = (w_k.float() * h_k.float().unsqueeze(-1)).sum(1)
+    if bd is not None:
+        y = y + bd.float()
+    return y.to(h.dtype).reshape(*h.shape[:-1], y.shape[-1])
+
+
+def _serves_triton(a) -> bool:
+    return not a["flags"] & CONV1D and triton_serves(a["h"].reshape(a["h"].shape[0], -1))
+
+
+def _masked_choice(h, wd, bd, wd_norm, rc_idx, n_R, n_select, flags):
     return decode_seq_reference(h, wd, bd, wd_norm, rc_idx, n_R, n_select, flags)
 
 
-__all__ = ["decode_seq", "decode_seq_reference", "keep_indices"]
+def _triton(h, wd, bd, wd_norm, rc_idx, n_R, n_select, flags):
+    y = gemv_triton(_masked(h, wd_norm, rc_idx, n_R, n_select), wd, launch=torch.library.wrap_triton, bias=bd)
+    return y.reshape(*h.shape[:-1], y.shape[-1])
+
+
+def _default(code: int, a, lowering: bool) -> str:
+    return "triton_splitk" if code == autotune.TRITON and _serves_triton(a) else "masked"
+
+
+def _index_inputs(a):
+    # rc_idx indexes h's channels: any valid indices will do for timing (zeros would gather one channel)
+    return {"rc_idx": lambda shape, dtype, device: torch.arange(shape[-1], device=device).expand(*shape)}
+
+
+CHOICES = autotune.register("pop::decode_seq", [
+    autotune.Choice("masked", _masked_choice),
+    autotune.Choice("gather", decode_seq_gather),
+    autotune.Choice("gather_sum", decode_seq_gather_sum),
+    autotune.Choice("triton_splitk", _triton, "triton", _serves_triton, any_size=False),
+], _default, _index_inputs)
+
+
+@torch.library.custom_op("pop::decode_seq", mutates_args=())
+def decode_seq(h: Tensor, wd: Tensor, bd: Tensor | None, wd_norm: Tensor, rc_idx: Tensor, n_R: int, n_select: int,
+               flags: int, kernels: int = 0) -> Tensor:
+    return autotune.run("pop::decode_seq", dict(h=h, wd=wd, bd=bd, wd_norm=wd_norm, rc_idx=rc_idx, n_R=n_R,
+                                                n_select=n_select, flags=flags, kernels=kernels))
+
+
+@decode_seq.register_fake
+def _(h, wd, bd, wd_norm, rc_idx, n_R, n_select, flags, kernels=0):
+    autotune.install()  # tracing reaches the fake before Inductor lowers the op: its lowering is in place
+    return h.new_empty(*h.shape[:-1], wd.shape[1] if flags & CONV1D else wd.shape[0])
+
+
+__all__ = ["CHOICES", "decode_seq", "decode_seq_gather", "decode_seq_gather_sum", "decode_seq_reference",
+           "keep_indices"]

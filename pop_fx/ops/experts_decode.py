@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pop_fx import partition as P
+from pop_fx import autotune, partition as P
 from pop_fx.activations import activation as activation_fn
-from pop_fx.ops._triton import tl, triton
+from pop_fx.ops._triton import INTERPRET, tl, triton
 from pop_fx.ops.layout import expert_in_rows
 
 # --------------------------------------------------------------------------------------------
@@ -102,12 +102,32 @@ def cuda_gemv_path(kernels: int, dtype: torch.dtype, capability: tuple[int, int]
     return "triton" if has_triton else "bmm"
 
 
+GROUPED_MM = 2
+"""``kernels`` code of ``grouped_gemv`` that asks for ``torch._grouped_mm`` wherever torch has it for these tensors"""
+
+
+def grouped_mm_serves(x: Tensor, w: Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` computes ``grouped_gemv`` for these operands (CPU: 16-byte strides; CUDA: bf16 on
+    sm_90 or later)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    wt = w.transpose(1, 2)
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9 and _mm_aligned(x, wt)
+    return _grouped_mm_ok(x, wt)
+
+
 def grouped_gemv(x: Tensor, w: Tensor, expert: Tensor, offs: Tensor, kernels: int = 0) -> Tensor:
     """y[p] = w[expert[p]] @ x[p] for pairs sorted by expert: x [P, K], w [E, N, K] -> [P, N] (x's dtype).
 
     Rows p >= offs[-1] are not computed on the grouped and Triton paths (their value is undefined); ``expert``
-    must then name an expert in range anyway (the bmm path computes them)."""
+    must then name an expert in range anyway (the bmm path computes them). ``kernels``: 0 = today's path for the
+    device, 1 = the Triton pair kernel, ``GROUPED_MM`` = torch's grouped GEMM where it serves (else today's path)."""
     wt = w.transpose(1, 2)  # [E, K, N]: a view, the expert blocks stay where they are
+    if kernels == GROUPED_MM and grouped_mm_serves(x, w):
+        return torch._grouped_mm(x, wt, offs=offs)
+    if kernels == 1 and INTERPRET and triton is not None:  # the pair kernel on CPU tensors: the interpreter's tests
+        return pair_gemv_triton(x, w, expert, offs, launch=torch.library.wrap_triton)
     if x.device.type == "cuda":
         path = cuda_gemv_path(kernels, x.dtype, torch.cuda.get_device_capability(x.device), _mm_aligned(x, wt),
                               triton is not None)
@@ -222,20 +242,40 @@ def _dense_pairs(x: Tensor, expert: Tensor, is_dense: Tensor, gate_up: Tensor, d
     return y.index_select(0, torch.argsort(order))
 
 
+GEMVS = ("grouped_mm", "bmm", "pair_loop", "triton_pair")
+"""How the experts decode's two GEMVs over the pairs run (its autotuning choices, ``pop_fx.autotune``):
+
+* ``grouped_mm``  — ``pop::grouped_gemv`` asking for ``torch._grouped_mm`` (groups = experts, each block read once
+  for all its pairs; today's path at batch > 1, and eagerly);
+* ``bmm``         — ``bmm(w[group], x)``: under Inductor on the CPU one generated C++ kernel that reads each pair's
+  block in place (no copy), at about twice ``_grouped_mm``'s bandwidth for M = 1 (OLMoE's gate/up, 8 pairs: 2.30 vs
+  4.68 ms in bf16, 5.24 vs 8.16 ms in fp32; ``examples/copy_gemv_variants.py``); a repeated expert is read once per
+  pair. Today's path at batch 1 under Inductor. Run eagerly it copies the blocks first;
+* ``pair_loop``   — one GEMV per pair, unrolled (P = B·k ≤ ``PAIR_LOOP_MAX``): what a loop over the routed experts
+  costs at fixed shapes;
+* ``triton_pair`` — ``pop::grouped_gemv`` with the Triton pair kernel (CUDA)."""
+PAIR_LOOP_MAX = 16  # unrolled GEMVs per call: beyond it the traced graph (and its compile) grows for no gain
+
+
 def _reads_in_place(x: Tensor, distinct: bool) -> bool:
-    """Whether the GEMVs over ``x``'s pairs run as ``bmm(w[group], x)`` (see ``pairs_gemv``)."""
+    """Today's dispatch: whether the GEMVs over ``x``'s pairs run as ``bmm(w[group], x)`` (see ``GEMVS``)."""
     return distinct and x.device.type == "cpu" and torch.compiler.is_compiling()
 
 
-def pairs_gemv(x: Tensor, w: Tensor, group: Tensor, offs: Tensor, kernels: int, distinct: bool) -> Tensor:
-    """``grouped_gemv_op``, except where every pair names its own group (``distinct``: one token's k experts)
-    on the CPU under Inductor: there ``bmm(w[group], x)`` is one generated C++ kernel that reads each pair's
-    block in place (no copy), at about twice ``_grouped_mm``'s bandwidth for M = 1 (OLMoE's gate/up, 8 pairs:
-    2.30 vs 4.68 ms in bf16, 5.24 vs 8.16 ms in fp32; ``examples/copy_gemv_variants.py``). Run eagerly, that bmm would copy the blocks first, so the
-    eager op keeps ``grouped_gemv``. With repeated groups (batch > 1) the grouped GEMM reads each block once."""
-    if _reads_in_place(x, distinct):
+def _gemv_code(gemv: str | None, kernels: int) -> int:
+    return {"grouped_mm": GROUPED_MM, "triton_pair": 1}.get(gemv, kernels)
+
+
+def pairs_gemv(x: Tensor, w: Tensor, group: Tensor, offs: Tensor, kernels: int, distinct: bool,
+               gemv: str | None = None) -> Tensor:
+    """y[p] = w[group[p]] @ x[p] by ``gemv`` (one of ``GEMVS``), or today's dispatch (None): ``bmm`` where every pair
+    names its own group (``distinct``: one token's k experts) on the CPU under Inductor, ``grouped_gemv_op``
+    otherwise (with repeated groups, batch > 1, the grouped GEMM reads each block once)."""
+    if gemv == "bmm" or gemv is None and _reads_in_place(x, distinct):
         return torch.bmm(w[group], x.unsqueeze(-1)).squeeze(-1)
-    return grouped_gemv_op(x, w, group, offs, kernels)
+    if gemv == "pair_loop":
+        return torch.stack([w[group[p:p + 1]][0] @ x[p] for p in range(x.shape[0])])  # a tensor index: no host read
+    return grouped_gemv_op(x, w, group, offs, _gemv_code(gemv, kernels))
 
 
 def _top_candidates(h_c: Tensor, wd_norm_rows: Tensor, n_select: int, same_group: Tensor | None) -> Tensor:
@@ -275,31 +315,32 @@ def keep_mask(h: Tensor, wd_norm_rows: Tensor, n_R: int, n_select: int, same_gro
 
 def layout_decode_grouped(x: Tensor, w_in: Tensor, wd_rc: Tensor, group: Tensor, offs: Tensor, wd_norm_rows: Tensor,
                           n_R: int, n_select: int, act, same_group: Tensor | None = None, kernels: int = 1,
-                          distinct: bool = False) -> Tensor:
+                          distinct: bool = False, gemv: str | None = None) -> Tensor:
     """Rows sorted by group, each through its group's R ∪ C layout (``w_in`` [G, 2·n_rc, K], ``wd_rc``
     [G, d_out, padded n_rc]): one grouped GEMV for gate/up, the candidates masked, one for down -> [P, d_out].
     The experts decode (groups = experts) and the serving layouts (groups = request slots) share it;
-    ``distinct``: no two rows share a group (``pairs_gemv``)."""
+    ``distinct``: no two rows share a group; ``gemv``: how the GEMVs run (``pairs_gemv``)."""
     n_rc = w_in.shape[1] // 2
-    gate, up = pairs_gemv(x, w_in, group, offs, kernels, distinct).chunk(2, dim=-1)
+    gate, up = pairs_gemv(x, w_in, group, offs, kernels, distinct, gemv).chunk(2, dim=-1)
     h = act(gate) * up  # [P, n_rc]: R then C
-    if _reads_in_place(x, distinct):
+    if gemv in ("bmm", "pair_loop") or gemv is None and _reads_in_place(x, distinct):
         # Inductor inlines the down GEMV's input into its loop over the weights: h times a 0/1 mask made by a
         # scatter (a stored buffer) costs two loads and a multiply per weight element there; a pad and an update
         # of h's C slice cost index arithmetic and blends per element (measured: half POP's bf16 MoE step)
         keep = keep_mask(h, wd_norm_rows, n_R, n_select, same_group)
-        return torch.bmm(wd_rc[group][:, :, :n_rc], (h * keep).unsqueeze(-1)).squeeze(-1)
+        return pairs_gemv(h * keep, wd_rc[:, :, :n_rc], group, offs, kernels, distinct, gemv or "bmm")
     keep_top_candidates(h[:, n_R:], wd_norm_rows, n_select, same_group)
     # padded to the layout's row stride (layout.ROW_ALIGN): aligned rows keep the CPU on _grouped_mm (an unaligned
     # n_rc, e.g. SmolLM2's 845, sent every call to the fallback's weight gather)
-    return grouped_gemv_op(F.pad(h, (0, wd_rc.shape[-1] - n_rc)), wd_rc, group, offs, kernels)
+    return grouped_gemv_op(F.pad(h, (0, wd_rc.shape[-1] - n_rc)), wd_rc, group, offs, _gemv_code(gemv, kernels))
 
 
 def experts_decode_pairs(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up: Tensor, down: Tensor,
                          rc_idx: Tensor, wd_norm_c: Tensor, dense: Tensor, w_in: Tensor, wd_rc: Tensor, n_R: int,
                          n_select: int, activation: str, per_sequence: bool, empty_dense: bool = False,
-                         kernels: int = 0) -> Tensor:
-    """The op's body: hidden [B, H] -> [B, H] with fixed shapes and no host sync (module docstring)."""
+                         kernels: int = 0, gemv: str | None = None) -> Tensor:
+    """The op's body: hidden [B, H] -> [B, H] with fixed shapes and no host sync (module docstring); ``gemv``: how
+    its GEMVs run (one of ``GEMVS``; None: today's dispatch for ``kernels``)."""
     act = activation_fn(activation)
     E, H, d_ff = down.shape
     B, k = top_k_index.shape
@@ -317,14 +358,14 @@ def experts_decode_pairs(hidden: Tensor, top_k_index: Tensor, top_k_weights: Ten
     wd_rows = wd_norm_c.reshape(E * G, n_C).index_select(0, slot)
     if w_in.numel():  # scope="batch": the R ∪ C layouts, one contiguous block per expert
         y = layout_decode_grouped(x, w_in, wd_rc, expert, offs, wd_rows, n_R, n_select, act, same_group, kernels,
-                                  distinct)
+                                  distinct, gemv)
     else:  # scope="sequence": the whole expert, then the pair's own R ∪ C
         rc = rc_idx.reshape(E * G, n_rc).index_select(0, slot)  # [P, n_rc]
-        z = pairs_gemv(x, gate_up, expert, offs, kernels, distinct)
+        z = pairs_gemv(x, gate_up, expert, offs, kernels, distinct, gemv)
         h = act(z.gather(1, rc)) * z.gather(1, rc + d_ff)
         keep_top_candidates(h[:, n_R:], wd_rows, n_select, same_group)
         h_full = torch.zeros(h.shape[0], d_ff, dtype=h.dtype, device=h.device).scatter_(1, rc, h)
-        y = pairs_gemv(h_full, down, expert, offs, kernels, distinct)
+        y = pairs_gemv(h_full, down, expert, offs, kernels, distinct, gemv)
     if empty_dense:
         is_dense = dense.reshape(E * G).index_select(0, slot)
         y_dense = _dense_pairs(x, expert, is_dense, gate_up, down, act, kernels)
@@ -332,9 +373,62 @@ def experts_decode_pairs(hidden: Tensor, top_k_index: Tensor, top_k_weights: Ten
     return combine(y, order, top_k_weights).to(hidden.dtype)
 
 
-# A ``triton_op``: Inductor traces its body (plain torch around the two ``pop::grouped_gemv`` calls), so the
-# routing, scoring, top-k, mask and combine fuse into its own kernels instead of ~25 eager ops per layer.
-@torch.library.triton_op("pop::experts_decode", mutates_args=())
+_ARGS = ("hidden", "top_k_index", "top_k_weights", "gate_up", "down", "rc_idx", "wd_norm_c", "dense", "w_in", "wd_rc",
+         "n_R", "n_select", "activation", "per_sequence", "empty_dense")
+
+
+def _choice(gemv: str):
+    def fn(**a):
+        return experts_decode_pairs(*(a[k] for k in _ARGS), kernels=1 if gemv == "triton_pair" else 0, gemv=gemv)
+
+    return fn
+
+
+def _pairs(a) -> int:
+    return a["top_k_index"].numel()
+
+
+def _default(code: int, a, lowering: bool) -> str:
+    """Today's dispatch: the Triton pair kernel under ``kernels="triton"`` on CUDA; on the CPU the in-place ``bmm``
+    at batch 1 under Inductor, torch's grouped GEMM otherwise; on CUDA torch's grouped GEMM where it has a kernel,
+    else the pair kernel (``cuda_gemv_path``)."""
+    x = a["hidden"]
+    if x.device.type == "cuda":
+        path = cuda_gemv_path(1 if code == 1 else 0, x.dtype, torch.cuda.get_device_capability(x.device),
+                              lowering or _mm_aligned(x, a["gate_up"].transpose(1, 2)), triton is not None)
+        return {"triton": "triton_pair", "grouped_mm": "grouped_mm"}.get(path, "bmm")
+    return "bmm" if lowering and x.shape[0] == 1 else "grouped_mm"
+
+
+def _grouped_serves(a) -> bool:
+    x, w = a["hidden"], a["gate_up"]
+    return x.device.type == "cpu" or grouped_mm_serves(x.new_empty(1, w.shape[-1]), w)
+
+
+def _index_inputs(a):
+    E = a["down"].shape[0]
+
+    def routes(shape, dtype, device):  # distinct experts per token, spread over the experts like a real router
+        B, k = shape
+        return ((torch.arange(B, device=device)[:, None] * k + torch.arange(k, device=device)) % E).to(dtype)
+
+    return {"top_k_index": routes,
+            "rc_idx": lambda shape, dtype, device: torch.arange(shape[-1], device=device).expand(*shape).to(dtype)}
+
+
+CHOICES = autotune.register("pop::experts_decode", [
+    autotune.Choice("grouped_mm", _choice("grouped_mm"), serves=_grouped_serves),
+    autotune.Choice("bmm", _choice("bmm")),
+    autotune.Choice("pair_loop", _choice("pair_loop"), serves=lambda a: _pairs(a) <= PAIR_LOOP_MAX, any_size=False),
+    autotune.Choice("triton_pair", _choice("triton_pair"), "triton",
+                    lambda a: a["hidden"].device.type == "cuda" and triton is not None),
+], _default, _index_inputs)
+
+
+# A ``custom_op``, opaque until Inductor lowers it: ``pop_fx.autotune`` then inlines the chosen GEMV's traced body
+# (plain torch around the two GEMVs), so the routing, scoring, top-k, mask and combine fuse into Inductor's own kernels
+# instead of ~25 eager ops per layer.
+@torch.library.custom_op("pop::experts_decode", mutates_args=())
 def experts_decode(
     hidden: Tensor,
     top_k_index: Tensor,
@@ -354,8 +448,15 @@ def experts_decode(
     kernels: int = 0,
 ) -> Tensor:
     """hidden [B, H] (one token per sequence) -> [B, H]; only the experts a token chose run for it."""
-    return experts_decode_pairs(hidden, top_k_index, top_k_weights, gate_up, down, rc_idx, wd_norm_c, dense, w_in,
-                                wd_rc, n_R, n_select, activation, per_sequence, empty_dense, kernels)
+    a = dict(zip(_ARGS, (hidden, top_k_index, top_k_weights, gate_up, down, rc_idx, wd_norm_c, dense, w_in, wd_rc,
+                         n_R, n_select, activation, per_sequence, empty_dense)))
+    return autotune.run("pop::experts_decode", {**a, "kernels": kernels})
+
+
+@experts_decode.register_fake
+def _(hidden, *args, **kwargs):
+    autotune.install()  # tracing reaches the fake before Inductor lowers the op: its lowering is in place
+    return torch.empty_like(hidden)
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,7 +508,7 @@ def experts_decode_loop(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tens
     return final
 
 
-__all__ = ["cuda_gemv_path", "experts_decode", "experts_decode_loop", "experts_decode_pairs", "grouped_gemv",
+__all__ = ["CHOICES", "GEMVS", "cuda_gemv_path", "experts_decode", "experts_decode_loop", "experts_decode_pairs", "grouped_gemv",
            "grouped_gemv_op",
            "keep_top_candidates", "layout_decode_grouped", "pair_gemv_reference", "pair_gemv_triton", "route_pairs",
            "combine"]

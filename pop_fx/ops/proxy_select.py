@@ -22,8 +22,9 @@ The copies themselves are made in ``pop_fx.lowbit``. On CUDA (int8 and int3 alik
 the proxy copy (gathered, no copy), reduces over d with fp32 accumulation, applies the row scales, the
 activation, the product and POP's score (a second small kernel finishes when K is split) and writes the scores'
 ``partition.rank_keys``; the selection is ``torch.topk`` over them, as ``candidate_topk``. The CPU body below
-is unchanged. The op has no ``kernels`` argument (``pop::decode`` has one): its CUDA path has been a Triton
-kernel from the start, and the fused one replaces ``rows_gemv``'s there.
+is unchanged. Its two implementations are ``pop_fx.autotune`` choices (``torch``, ``triton_fused`` on CUDA); the
+``kernels`` argument (added last, defaulting to "Inductor measures") pins one; eagerly and without an autotuner
+CUDA runs the fused kernel, as it always has.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pop_fx import autotune
 from pop_fx.activations import activation
 from pop_fx.ops.proxy_kernels import proxy_scores_triton
 from pop_fx.ops.rows_gemv import on_cuda
@@ -79,17 +81,42 @@ def proxy_select_triton(x2: Tensor, q: Tensor, s: Tensor, c_idx: Tensor, wd_norm
     return torch.topk(keys, n_select, dim=-1, sorted=False).indices
 
 
-@torch.library.triton_op("pop::proxy_select", mutates_args=())
-def proxy_select(x: Tensor, q: Tensor, s: Tensor, rc_idx: Tensor, wd_norm_c: Tensor, n_R: int, n_select: int,
-                 d_ff: int, act: int) -> Tensor:
-    """Positions within C ([n_select], int64) of the candidates this step computes, ranked by the proxy."""
+def proxy_select_torch(x: Tensor, q: Tensor, s: Tensor, rc_idx: Tensor, wd_norm_c: Tensor, n_R: int, n_select: int,
+                       d_ff: int, act: int) -> Tensor:
+    """The torch body (the CPU's only implementation: Inductor fuses the row gathers into its reduction loops)."""
     x2 = x.reshape(-1, x.shape[-1])
-    both = q.shape[0] == 2 * d_ff
-    c_idx = rc_idx[0, n_R:]
-    if on_cuda(x):  # int8 rows or int3 bit planes: the fused scoring kernel, then candidate_topk's selection
-        return proxy_select_triton(x2, q, s, c_idx, wd_norm_c, n_select, d_ff, act, launch=torch.library.wrap_triton)
-    h_c = proxy_activation(x2, q, s, c_idx, d_ff, act, both=both)
+    h_c = proxy_activation(x2, q, s, rc_idx[0, n_R:], d_ff, act, both=q.shape[0] == 2 * d_ff)
     return candidate_topk(h_c, wd_norm_c, n_select)
 
 
-__all__ = ["proxy_activation", "proxy_select", "proxy_select_triton"]
+def _triton(x, q, s, rc_idx, wd_norm_c, n_R, n_select, d_ff, act):
+    return proxy_select_triton(x.reshape(-1, x.shape[-1]), q, s, rc_idx[0, n_R:], wd_norm_c, n_select, d_ff, act,
+                               launch=torch.library.wrap_triton)
+
+
+def _index_inputs(a):
+    return {"rc_idx": lambda shape, dtype, device: torch.arange(shape[-1], device=device).expand(*shape).to(dtype)}
+
+
+CHOICES = autotune.register("pop::proxy_select", [
+    autotune.Choice("torch", proxy_select_torch),
+    autotune.Choice("triton_fused", _triton, "triton", lambda a: on_cuda(a["x"])),
+], lambda code, a, lowering: "triton_fused" if code != autotune.TORCH and on_cuda(a["x"]) else "torch",
+    _index_inputs)
+
+
+@torch.library.custom_op("pop::proxy_select", mutates_args=())
+def proxy_select(x: Tensor, q: Tensor, s: Tensor, rc_idx: Tensor, wd_norm_c: Tensor, n_R: int, n_select: int,
+                 d_ff: int, act: int, kernels: int = 2) -> Tensor:
+    """Positions within C ([n_select], int64) of the candidates this step computes, ranked by the proxy."""
+    return autotune.run("pop::proxy_select", dict(x=x, q=q, s=s, rc_idx=rc_idx, wd_norm_c=wd_norm_c, n_R=n_R,
+                                                  n_select=n_select, d_ff=d_ff, act=act, kernels=kernels))
+
+
+@proxy_select.register_fake
+def _(x, q, s, rc_idx, wd_norm_c, n_R, n_select, d_ff, act, kernels=2):
+    autotune.install()  # tracing reaches the fake before Inductor lowers the op: its lowering is in place
+    return rc_idx.new_empty(n_select)
+
+
+__all__ = ["CHOICES", "proxy_activation", "proxy_select", "proxy_select_torch", "proxy_select_triton"]

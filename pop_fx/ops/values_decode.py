@@ -7,13 +7,20 @@ Beyond the paper: a low-precision full re-evaluation with an exact down projecti
     y     = Σ_{j ∈ S_t} H̃_j · Wd[:, j]  (+ bd)          exact down weights, the chosen n_keep channels only
 
 The int8 products run in ``aten._weight_int8pack_mm`` (x and the scales in bf16, bf16 out; ``lowbit.int8_rows_mm``).
-No exact gate/up row is read: H of the chosen channels IS the int8-derived H̃. The down projection at batch 1 is
-``F.embedding_bag`` over the channel-major copy ``wd_t`` [d_ff, d_out] (made once per model): it reads the n_keep
-chosen rows only, with no gathered copy. At batch > 1 a per-row bag would read every row B times, so the op runs a
-masked dense GEMV over the site's own ``wd`` instead (unchosen channels zeroed).
+No exact gate/up row is read: H of the chosen channels IS the int8-derived H̃. The down projection over the n_keep
+chosen channels has three implementations (``pop_fx.autotune`` choices; under ``kernels="auto"`` Inductor measures
+them, the op's ``kernels`` argument defaulting to it):
 
-Static shapes, no host sync (``tests/pop_fx/ops/test_no_host_sync.py``). An opaque ``custom_op``: Inductor calls
-its body as is. On CUDA the same torch code runs (no kernel of its own).
+* ``ebag``       — ``F.embedding_bag`` over the channel-major copy ``wd_t`` [d_ff, d_out] (made once per model): one
+  bag per row, each reading the n_keep chosen rows only, with no gathered copy (a row per bag: B reads at batch B);
+* ``masked``     — a masked dense GEMV over the site's own ``wd`` (unchosen channels zeroed): every column read once
+  for the whole batch;
+* ``gather_sum`` — Σ_j H̃_j · wd_t[j] over the chosen rows as one reduction Inductor fuses the row gather into.
+
+Today's dispatch (eagerly, and without an autotuner): ``ebag`` at batch 1, ``masked`` above (chosen by reasoning).
+
+Static shapes, no host sync (``tests/pop_fx/ops/test_no_host_sync.py``). On CUDA the same torch code runs (no
+kernel of its own).
 """
 
 from __future__ import annotations
@@ -22,40 +29,82 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pop_fx import autotune
 from pop_fx.lowbit import values_activations
 from pop_fx.partition import candidate_topk
 
 
-def values_decode_reference(x: Tensor, q: Tensor, s: Tensor, wd_t: Tensor, wd: Tensor, bd: Tensor | None,
-                            rc_idx: Tensor, wd_norm_c: Tensor, n_R: int, n_select: int, d_ff: int,
-                            act: int) -> Tensor:
+def _chosen(x: Tensor, q: Tensor, s: Tensor, rc_idx: Tensor, wd_norm_c: Tensor, n_R: int, n_select: int, d_ff: int,
+            act: int) -> tuple[Tensor, Tensor]:
+    """(idx [n_keep]: R then the chosen candidates, h_sel [B, n_keep] fp32: their int8-derived activations)."""
     x2 = x.reshape(-1, x.shape[-1])
     h = values_activations(x2, q, s, d_ff, act)  # [B, d_ff] fp32
     rc = rc_idx[0]
     c_idx = rc[n_R:]
     pos = candidate_topk(h.index_select(1, c_idx), wd_norm_c, n_select)
-    idx = torch.cat([rc[:n_R], c_idx.index_select(0, pos)])  # [n_keep]: R, then the chosen candidates
-    h_sel = h.index_select(1, idx).to(wd_t.dtype)
-    if x2.shape[0] == 1:
-        y = F.embedding_bag(idx[None], wd_t, per_sample_weights=h_sel, mode="sum")
-        if bd is not None:
-            y = y + bd
-    else:
-        hm = torch.zeros(x2.shape[0], d_ff, dtype=wd.dtype, device=x.device).index_copy(1, idx, h_sel.to(wd.dtype))
-        y = F.linear(hm, wd, bd)
+    idx = torch.cat([rc[:n_R], c_idx.index_select(0, pos)])
+    return idx, h.index_select(1, idx)
+
+
+def _down_ebag(idx, h_sel, wd_t, wd, bd, d_ff):
+    bags = idx[None].expand(h_sel.shape[0], -1)
+    y = F.embedding_bag(bags, wd_t, per_sample_weights=h_sel.to(wd_t.dtype), mode="sum")
+    return y + bd if bd is not None else y
+
+
+def _down_masked(idx, h_sel, wd_t, wd, bd, d_ff):
+    hm = torch.zeros(h_sel.shape[0], d_ff, dtype=wd.dtype, device=wd.device).index_copy(1, idx, h_sel.to(wd.dtype))
+    return F.linear(hm, wd, bd)
+
+
+def _down_gather_sum(idx, h_sel, wd_t, wd, bd, d_ff):
+    y = (wd_t.index_select(0, idx).float()[None] * h_sel.to(wd_t.dtype).float()[:, :, None]).sum(1)
+    return (y + bd.float() if bd is not None else y).to(wd_t.dtype)
+
+
+DOWNS = {"ebag": _down_ebag, "masked": _down_masked, "gather_sum": _down_gather_sum}
+
+
+def values_decode_down(x: Tensor, q: Tensor, s: Tensor, wd_t: Tensor, wd: Tensor, bd: Tensor | None, rc_idx: Tensor,
+                       wd_norm_c: Tensor, n_R: int, n_select: int, d_ff: int, act: int, down: str) -> Tensor:
+    """The op with its down projection by ``down`` (one of ``DOWNS``)."""
+    idx, h_sel = _chosen(x, q, s, rc_idx, wd_norm_c, n_R, n_select, d_ff, act)
+    y = DOWNS[down](idx, h_sel, wd_t, wd, bd, d_ff)
     return y.to(x.dtype).reshape(*x.shape[:-1], wd_t.shape[1])
+
+
+def values_decode_reference(x: Tensor, q: Tensor, s: Tensor, wd_t: Tensor, wd: Tensor, bd: Tensor | None,
+                            rc_idx: Tensor, wd_norm_c: Tensor, n_R: int, n_select: int, d_ff: int,
+                            act: int) -> Tensor:
+    """Today's dispatch: ``embedding_bag`` at batch 1, the masked GEMV above."""
+    down = "ebag" if x.reshape(-1, x.shape[-1]).shape[0] == 1 else "masked"
+    return values_decode_down(x, q, s, wd_t, wd, bd, rc_idx, wd_norm_c, n_R, n_select, d_ff, act, down)
+
+
+def _index_inputs(a):
+    return {"rc_idx": lambda shape, dtype, device: torch.arange(shape[-1], device=device).expand(*shape).to(dtype)}
+
+
+CHOICES = autotune.register(
+    "pop::values_decode",
+    [autotune.Choice(name, lambda down=name, **a: values_decode_down(**a, down=down)) for name in DOWNS],
+    lambda code, a, lowering: "ebag" if a["x"].reshape(-1, a["x"].shape[-1]).shape[0] == 1 else "masked",
+    _index_inputs)
 
 
 @torch.library.custom_op("pop::values_decode", mutates_args=())
 def values_decode(x: Tensor, q: Tensor, s: Tensor, wd_t: Tensor, wd: Tensor, bd: Tensor | None, rc_idx: Tensor,
-                  wd_norm_c: Tensor, n_R: int, n_select: int, d_ff: int, act: int) -> Tensor:
+                  wd_norm_c: Tensor, n_R: int, n_select: int, d_ff: int, act: int, kernels: int = 2) -> Tensor:
     """The FFN output [..., d_out] for decode tokens x [..., d_model] (see the module docstring)."""
-    return values_decode_reference(x, q, s, wd_t, wd, bd, rc_idx, wd_norm_c, n_R, n_select, d_ff, act)
+    return autotune.run("pop::values_decode", dict(x=x, q=q, s=s, wd_t=wd_t, wd=wd, bd=bd, rc_idx=rc_idx,
+                                                   wd_norm_c=wd_norm_c, n_R=n_R, n_select=n_select, d_ff=d_ff,
+                                                   act=act, kernels=kernels))
 
 
 @values_decode.register_fake
-def _(x, q, s, wd_t, wd, bd, rc_idx, wd_norm_c, n_R, n_select, d_ff, act):
+def _(x, q, s, wd_t, wd, bd, rc_idx, wd_norm_c, n_R, n_select, d_ff, act, kernels=2):
+    autotune.install()  # tracing reaches the fake before Inductor lowers the op: its lowering is in place
     return x.new_empty(*x.shape[:-1], wd_t.shape[1])
 
 
-__all__ = ["values_decode", "values_decode_reference"]
+__all__ = ["CHOICES", "DOWNS", "values_decode", "values_decode_down", "values_decode_reference"]

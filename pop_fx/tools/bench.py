@@ -13,7 +13,12 @@ Variants (each its own compiled module over the *same* Parameters, except the co
 * ``pop-full``        — ``backend="pop"`` with full re-evaluation (γ = 2);
 * ``pop-proxy``       — ``backend="pop"`` with proxy-scored candidates (``--proxy``, ``--proxy-gamma``);
 * ``pop-values``      — ``backend="pop"`` with ``candidate_proxy="int8-values"``, γ = 2: the low-precision full
-                        re-evaluation with an exact down projection over the chosen channels (its own method).
+                        re-evaluation with an exact down projection over the chosen channels (its own method);
+* ``pop[<choice>]``   — ``pop`` with its decode op's implementation pinned to one autotuning choice
+                        (``pop_fx.autotune``: e.g. ``pop[masked]``, ``pop[gather_sum]``; ``--choices`` adds every
+                        choice that serves the cell). ``pop`` itself is ``kernels="auto"``: Inductor measured the
+                        choices at compile time and inlined the fastest; the table says which it took and how far
+                        ``pop`` is from the best fixed choice of the run.
 
 Ratios are against ``dense-fused`` and ``sliced`` (the same fusion as POP, so a ratio measures pruning),
 falling back to ``dense-inductor`` / ``sliced-unfused`` when those did not run. A POP variant in which
@@ -39,6 +44,8 @@ import torch
 import torch.nn as nn
 
 from pop_fx.tools import bench_moe
+from pop_fx.tools.autotuned import (auto_summary, choice_variants, load_average, pinned_choice, pinned_compile,
+                                    print_auto)
 from pop_fx.tools.model_copies import require_fully_rewritten, shallow_copy, structural_copy
 from pop_fx.tools.timing import Cell, Clock, StepStamps
 
@@ -46,6 +53,17 @@ VARIANTS = ("dense-eager", "dense-inductor", "dense-fused", "sliced", "sliced-un
             "pop-proxy", "pop-values")
 DEFAULT_VARIANTS = ("dense-inductor", "dense-fused", "sliced", "pop")
 POP_VARIANTS = ("pop", "pop-full", "pop-proxy", "pop-values")
+
+
+def is_pop(variant: str) -> bool:
+    return variant in POP_VARIANTS or pinned_choice(variant) is not None
+
+
+def decode_op(config) -> str:
+    """The op whose implementation ``pop[<choice>]`` pins under ``config`` (a dense FFN's decode)."""
+    if config.candidate_proxy == "int8-values":
+        return "pop::values_decode"
+    return "pop::decode_seq" if config.scope == "sequence" else "pop::decode"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,6 +208,8 @@ def _build_variants(model, config, variants, n_keep_of, proxy_gamma: float = 1.0
                    "pop-proxy": proxy_config(config, proxy_gamma, proxy),
                    "pop-values": proxy_config(config, 2.0, "int8-values")}[v]
             built[v] = pop_fx.compile(shallow_copy(model), cfg, mode=mode)
+        elif pinned_choice(v):
+            built[v] = pinned_compile(shallow_copy(model), config, decode_op(config), pinned_choice(v), mode)
         else:
             raise ValueError(f"variant={v!r} is invalid: allowed one of {list(VARIANTS)}")
     return built
@@ -214,7 +234,7 @@ def bench_ffn(d: int, f: int, k: int, config, *, batch: int = 1, prompt: int = 1
             for _ in range(3):
                 m(x_pre)
                 m(x_dec)
-            if v in POP_VARIANTS:
+            if is_pop(v):
                 require_fully_rewritten(v, m)
             t0 = clock.start()
             m(x_pre)
@@ -269,7 +289,7 @@ def bench_generate(model, tok, config, *, batch: int = 1, prompt: str | None = N
         for v, m in built.items():  # compile every graph these lengths need
             gen(m, new_tokens)
             gen(m, new_tokens)
-            if v in POP_VARIANTS:
+            if is_pop(v):
                 require_fully_rewritten(v, m)
         for _ in range(rounds):
             for v, m in built.items():
@@ -283,8 +303,8 @@ def bench_generate(model, tok, config, *, batch: int = 1, prompt: str | None = N
 def _extra(built, cells):
     import pop_fx
 
-    for v in POP_VARIANTS:
-        if v in built:
+    for v in built:
+        if is_pop(v):
             cells[v].extra_bytes = pop_fx.report(built[v]).extra_bytes
 
 
@@ -320,12 +340,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graphs", action="store_true", help="compile every variant with mode='reduce-overhead'")
     parser.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
                         help="PopConfig.kernels of the POP variants (CUDA decode kernels; default %(default)s)")
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
+                        + ", and pop[<choice>] (pop with its decode op pinned to one autotuning choice)")
+    parser.add_argument("--choices", action="store_true",
+                        help="add pop[<choice>] for every choice of the cell's decode op beside pop (kernels='auto'); "
+                             "on by default with --full")
     parser.add_argument("--proxy-gamma", type=float, default=1.0, help="candidate_ratio of the pop-proxy variant (default %(default)s)")
     parser.add_argument("--proxy", default="int8", choices=["int8", "int3", "int8-gate", "int8-values"],
                         help="candidate_proxy of the pop-proxy variant (default %(default)s)")
     parser.add_argument("--full", action="store_true",
-                        help="every cell of README's speed table (1B-shaped FFN stack: fp32/bf16/fp16 at batch 1, "
+                        help="every cell of docs/benchmarks.md's speed table (1B-shaped FFN stack: fp32/bf16/fp16 at batch 1, "
                              "fp32/bf16 at batch 8; SmolLM2 end to end: fp32 and bf16 at batch 1, scope='sequence' "
                              "at batch 8), r=0.5, γ=0.1")
     bench_moe.add_arguments(parser)
@@ -354,8 +378,10 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args).replace(kernels=args.kernels)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     for v in variants:
-        if v not in VARIANTS:
-            raise ValueError(f"--variants: {v!r} is invalid: allowed {list(VARIANTS)}")
+        if v not in VARIANTS and not pinned_choice(v):
+            raise ValueError(f"--variants: {v!r} is invalid: allowed {list(VARIANTS)} or pop[<choice>]")
+    if args.full:
+        args.choices = True
     if args.full:
         tables = []
         for label, over, cfg, b, dt in _full_cells(args, config):
@@ -390,12 +416,16 @@ SHAPES = {"1b": (2048, 5632), "smollm2": (576, 1536), "7b": (4096, 14336)}
 
 
 def _measure_cell(args, config, batch, dtype, variants) -> dict:
+    from pop_fx import autotune
     from pop_fx.tools.models import load_model
 
     device = getattr(args, "device", "cpu")
     mode = "reduce-overhead" if getattr(args, "cuda_graphs", False) else None
+    autotune.clear()
     if getattr(args, "moe", False):
         return bench_moe.run_moe(args, config, batch, dtype)
+    if getattr(args, "choices", False) and "pop" in variants:
+        variants = tuple(variants) + tuple(v for v in choice_variants(decode_op(config), device) if v not in variants)
     if args.ffn_only:
         d, f = SHAPES[args.shape]
         cells = bench_ffn(d, f, args.layers, config, batch=batch, rounds=args.rounds, dtype=dtype, variants=variants,
@@ -421,9 +451,12 @@ def _measure_cell(args, config, batch, dtype, variants) -> dict:
     rows = [dict(variant=v, median=c.median, unit=unit, samples=c.times, prefill_s=c.prefill_s,
                  speedup_vs_dense=speedup(c, base), speedup_vs_ideal=speedup(c, ideal),
                  extra_mib=c.extra_bytes / 2**20) for v, c in cells.items()]
+    auto = auto_summary(cells, [d for d in autotune.decisions(config) if not d.how.endswith("pinned")], higher_better)
     meta = dict(what=what, config=config.as_dict(), batch=batch, dtype=str(dtype), threads=args.threads,
                 device=device, torch=torch.__version__, dense=base.variant if base else None,
-                ideal=ideal.variant if ideal else None)
+                ideal=ideal.variant if ideal else None, load=load_average(), auto=auto)
+    if args.ffn_only and base is not None:  # the dense baseline's weight bandwidth: how far from memory speed
+        meta["dense_gb_s"] = 3 * d * f * torch.finfo(dtype).bits / 8 / (base.median * 1e-3) / 1e9
     if not args.json:
         print(f"{what}, batch {batch}, {dtype}, {device}, {args.threads} threads, r={config.sparsity} "
               f"γ={config.candidate_ratio} scope={config.scope}")
@@ -431,6 +464,7 @@ def _measure_cell(args, config, batch, dtype, variants) -> dict:
         for r in rows:
             print(f"{r['variant']:16s} {r['median']:10.3f} {r['speedup_vs_dense']:9.3f} "
                   f"{r['speedup_vs_ideal']:9.3f} {r['prefill_s']:10.4f} {r['extra_mib']:10.1f}")
-        print(f"(× columns: speed relative to {meta['dense']} and {meta['ideal']}, > 1 is faster)\n")
+        print(f"(× columns: speed relative to {meta['dense']} and {meta['ideal']}, > 1 is faster)")
+        print_auto(meta)
     gc.collect()
     return dict(meta=meta, rows=rows)

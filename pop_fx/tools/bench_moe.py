@@ -15,7 +15,10 @@ Variants (each its own compiled copy over the same Parameters, except ``sliced``
                       (the ideal: POP's bytes at zero overhead);
 * ``sliced-batched`` — the same cut experts, ``batched_mm`` (at batch 1 Inductor reads each pair's expert in
                       place, faster than ``grouped_mm`` in bf16); the ideal is the faster of the two;
-* ``pop``           — ``backend="pop"``: ``pop::experts_decode`` over the per-expert R ∪ C layouts.
+* ``pop``           — ``backend="pop"``: ``pop::experts_decode`` over the per-expert R ∪ C layouts, its GEMVs
+                      chosen by Inductor's autotuner at compile time (``kernels="auto"``);
+* ``pop[<gemv>]``   — the same with the GEMVs pinned to one choice (``grouped_mm``, ``bmm``, ``pair_loop``:
+                      ``experts_decode.GEMVS``); ``--choices`` adds every one that serves the cell.
 
 "× dense" is against the faster dense variant. Two workloads: the default times one MoE layer (a residual
 stack of K router + experts blocks, weights far beyond the caches; routing changes every step because the
@@ -120,10 +123,30 @@ def build_moe_variants(model: nn.Module, config, variants, n_keep: int) -> dict[
             m.compile(backend="inductor")
         elif v == "pop":
             m = pop_fx.compile(_with_impl(model, "grouped_mm"), config)
+        elif _pinned(v):
+            from pop_fx.tools.autotuned import pinned_compile
+
+            m = pinned_compile(_with_impl(model, "grouped_mm"), config, "pop::experts_decode", _pinned(v))
         else:
             raise ValueError(f"variant={v!r} is invalid: allowed one of {list(MOE_VARIANTS)}")
         built[v] = m
     return built
+
+
+def _pinned(v: str) -> str | None:
+    from pop_fx.tools.autotuned import pinned_choice
+
+    return pinned_choice(v)
+
+
+def choice_variants(shape: str, batch: int, device: str = "cpu") -> tuple[str, ...]:
+    """``pop[<gemv>]`` for every experts GEMV that serves a step of ``batch`` tokens (``pair_loop``: B·k pairs at
+    most ``PAIR_LOOP_MAX``)."""
+    from pop_fx.ops.experts_decode import PAIR_LOOP_MAX
+    from pop_fx.tools.autotuned import choice_variants as variants
+
+    k = MOE_SHAPES[shape][3]
+    return variants("pop::experts_decode", device, lambda n: n != "pair_loop" or batch * k <= PAIR_LOOP_MAX)
 
 
 def _layout_bytes(m: nn.Module) -> int:
@@ -152,7 +175,7 @@ def bench_moe_layer(shape: str, layers: int, config, *, batch: int = 1, prompt: 
             for _ in range(2):
                 m(x_pre)
                 m(x_dec[0])
-            if v == "pop":
+            if v == "pop" or _pinned(v):
                 require_fully_rewritten(v, m)
                 cells[v].extra_bytes = _layout_bytes(m)
             t0 = clock.start()
@@ -198,7 +221,7 @@ def bench_moe_generate(shape: str, layers: int, config, *, batch: int = 1, new_t
         for v, m in built.items():
             gen(m)
             gen(m)
-            if v == "pop":
+            if v == "pop" or _pinned(v):
                 require_fully_rewritten(v, m)
                 cells[v].extra_bytes = _layout_bytes(m)
         for _ in range(rounds):
@@ -220,9 +243,14 @@ def add_arguments(parser) -> None:
 
 def run_moe(args, config, batch: int, dtype) -> dict:
     """One --moe cell: the table and its meta (as bench's other cells)."""
+    from pop_fx import autotune
+    from pop_fx.tools.autotuned import auto_summary, load_average, print_auto
+
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    if not set(variants) <= set(MOE_VARIANTS):
+    if not all(v in MOE_VARIANTS or _pinned(v) for v in variants) or not any(v in MOE_VARIANTS for v in variants):
         variants = MOE_VARIANTS
+    if getattr(args, "choices", False) and "pop" in variants:
+        variants = variants + tuple(v for v in choice_variants(args.moe_shape, batch) if v not in variants)
     layers = args.layers if args.layers != 8 else 2  # bench's default 8 would not fit: 2 layers of ~1.6 GB
     if args.moe_e2e:
         cells = bench_moe_generate(args.moe_shape, layers, config, batch=batch, new_tokens=args.new_tokens,
@@ -248,9 +276,10 @@ def run_moe(args, config, batch: int, dtype) -> dict:
     rows = [dict(variant=v, median=c.median, unit=unit, samples=c.times, prefill_s=c.prefill_s,
                  speedup_vs_dense=ratio(c, base), speedup_vs_ideal=ratio(c, ideal), extra_mib=c.extra_bytes / 2**20)
             for v, c in cells.items()]
+    auto = auto_summary(cells, [d for d in autotune.decisions(config) if not d.how.endswith("pinned")], higher)
     meta = dict(what=what, config=config.as_dict(), batch=batch, dtype=str(dtype), threads=args.threads,
                 device="cpu", torch=torch.__version__, dense=base.variant if base else None,
-                ideal=ideal.variant if ideal else None)
+                ideal=ideal.variant if ideal else None, load=load_average(), auto=auto)
     if not args.json:
         print(f"{what}, batch {batch}, {dtype}, {args.threads} threads, r={config.sparsity} γ={config.candidate_ratio}")
         print(f"{'variant':16s} {unit:>10s} {'× dense':>9s} {'× ideal':>9s} {'prefill s':>10s} {'extra MiB':>10s}")
@@ -258,10 +287,11 @@ def run_moe(args, config, batch: int, dtype) -> dict:
             print(f"{r['variant']:16s} {r['median']:10.3f} {r['speedup_vs_dense']:9.3f} "
                   f"{r['speedup_vs_ideal']:9.3f} {r['prefill_s']:10.4f} {r['extra_mib']:10.1f}")
         print(f"(× columns: speed relative to {meta['dense']} and {meta['ideal']}, > 1 is faster; samples per "
-              f"round: {unit})\n")
+              f"round: {unit})")
+        print_auto(meta)
     gc.collect()
     return dict(meta=meta, rows=rows)
 
 
-__all__ = ["MOE_SHAPES", "MOE_VARIANTS", "MoEStack", "bench_moe_generate", "bench_moe_layer", "moe_config",
+__all__ = ["MOE_SHAPES", "MOE_VARIANTS", "MoEStack", "choice_variants", "bench_moe_generate", "bench_moe_layer", "moe_config",
            "run_moe", "sliced_experts_copy"]

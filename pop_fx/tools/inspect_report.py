@@ -96,11 +96,14 @@ class InspectReport:
     skipped: list[dict]
     """FFN-like blocks left dense: path, reason, graph kinds"""
     costs: dict
+    choices: list[dict] = field(default_factory=list)
+    """per decode op and shapes: the implementation Inductor's autotuner chose (``pop_fx.autotune.Decision``:
+    op, shapes, choice, how, times_ms — its benchmark time of every choice)"""
 
     def as_dict(self) -> dict:
         return {"model": self.model, "config": self.config, "batch": self.batch, "prompt_len": self.prompt_len,
                 "graphs": [g.as_dict() for g in self.graphs], "sites": [s.as_dict() for s in self.sites],
-                "skipped": self.skipped, "costs": self.costs}
+                "skipped": self.skipped, "costs": self.costs, "choices": self.choices}
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), indent=2, ensure_ascii=False)
@@ -147,8 +150,20 @@ def format_text(rep: InspectReport) -> str:
         lines.append(f"  {paths[0]}{more}")
         for g, w, text in sig:
             lines.append(f"    {g:7s} {w:6s}: {text}")
+    lines.extend(choice_lines(rep.choices))
     lines.extend(_cost_lines(rep.costs))
     return "\n".join(lines)
+
+
+def choice_lines(choices: list[dict]) -> list[str]:
+    """Which implementation each decode op got, and the benchmark times Inductor measured for every choice."""
+    if not choices:
+        return []
+    lines = ["implementation per decode op (Inductor's autotuner, kernels='auto'; its benchmark, ms):"]
+    for c in choices:
+        times = ", ".join(f"{k} {v:.4g}" for k, v in sorted(c["times_ms"].items(), key=lambda kv: kv[1]))
+        lines.append(f"  {c['op']:20s} {c['shapes']}: {c['choice']} ({c['how']}{'; ' + times if times else ''})")
+    return lines
 
 
 def _cost_lines(costs: dict) -> list[str]:
@@ -171,4 +186,4 @@ def _cost_lines(costs: dict) -> list[str]:
     return lines
 
 
-__all__ = ["GraphReport", "InspectReport", "OpNode", "SiteOps", "SiteReport", "format_si", "format_text"]
+__all__ = ["GraphReport", "InspectReport", "OpNode", "SiteOps", "SiteReport", "choice_lines", "format_si", "format_text"]
