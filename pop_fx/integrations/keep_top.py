@@ -6,13 +6,14 @@
 The set kept is ``partition.candidate_topk``'s. The eager form (``keep_top_reference_``, seven ATen ops) costs
 about 20 us per layer and row at batch 1 in vLLM's eager step on this CPU — a third of the per-slot GEMVs' time,
 most of it dispatch; the C++ form is one call (a pass for the keys, ``nth_element``, a pass for the mask). It is
-compiled once per machine with ``torch.utils.cpp_extension.load_inline`` (g++, ~30 s; cached under
-``TORCH_EXTENSIONS_DIR``); without a compiler ``keep_top_`` stays the eager form and says so once.
+compiled once per machine and torch install with ``torch.utils.cpp_extension.load_inline`` (g++, ~30 s; cached
+under ``TORCH_EXTENSIONS_DIR``); without a compiler ``keep_top_`` stays the eager form and says so once.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 
 import torch
@@ -64,7 +65,10 @@ def _compiled():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(name="pop_fx_keep_top", cpp_sources=[_SOURCE], functions=["keep_top"],
+        # one build per torch install: two venvs sharing a name rebuild it in turn (ninja sees other include
+        # paths), replacing the .so a running process has loaded
+        where = hashlib.sha1(torch.__file__.encode()).hexdigest()[:10]
+        return load_inline(name=f"pop_fx_keep_top_{where}", cpp_sources=[_SOURCE], functions=["keep_top"],
                            extra_cflags=["-O3"], verbose=False).keep_top
     except Exception as e:  # no compiler, no headers: the eager form works everywhere
         log.warning("pop_fx: the C++ keep_top did not build (%s): the decode path selects with eager ops", e)

@@ -23,12 +23,14 @@ On the V1 CPU runner, per step:
    that reaches the prompt's end), prompt tokens seen before a preemption DENSE (their Σh² is in the slot
    already), generated tokens DECODE.
 2. the model's ``forward`` (wrapped on the instance) lays the rows out in ``runner.input_batch.req_ids`` order,
-   the order of vLLM's flat batch, and picks the step's decode path (``VllmStep.plan``).
+   the order of vLLM's flat batch, and picks the step's decode path (``VllmStep.set_rows``).
 3. every ``PopVllmMLP`` reads that step: prefill rows dense into the slots' Σh² (``pop::ragged_prefill``),
    decode rows through R + their own top candidates, by one of three paths — ``layouts`` (each request's R ∪ C
    rows copied into its own oneDNN GEMV weights), ``ragged`` (vLLM's dense projections, masked), or ``dense``
    (vLLM's own MLP: not POP). ``decode="auto"`` picks, per decode batch size, the fastest of the three as timed
-   at load; ``"pop"`` the faster POP path (every token POP); ``"layouts"``/``"ragged"`` force one.
+   at load; ``"pop"`` the faster POP path (every token POP); ``"layouts"``/``"ragged"`` force one. vLLM's
+   compiled model is traced once, so there the MLP is ``torch.cond`` between vLLM's own MLP (compiled in the
+   graph: dense steps) and the opaque ``pop::vllm_mlp`` (POP steps, path chosen at run time).
 
 Requests equal ``pop_fx.reference.pruned(scope="sequence", prefill="dense")`` on each request alone
 (tests/pop_fx/serving/test_vllm_engine.py), with two stated exceptions: under ``decode="auto"`` a step whose
@@ -43,7 +45,6 @@ import functools
 import json
 import logging
 import os
-import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -61,7 +62,8 @@ from pop_fx.serving.phases import DECODE, DENSE, LAST, PREFILL
 from pop_fx.serving.ragged_decode import keep_mask
 
 ENV = "POP_FX_VLLM"
-"""JSON: PopConfig fields (sparsity, candidate_ratio) and ``decode``; unset = the plugin does nothing"""
+"""JSON: PopConfig fields (sparsity, candidate_ratio), ``decode`` and ``layout_mb`` (``Options``); unset = the
+plugin does nothing"""
 
 MLP_CLASSES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
 DECODE_PATHS = ("layouts", "ragged", "dense")
@@ -507,10 +509,10 @@ class PopV1:
 @torch.no_grad()
 def measure_decode_paths(ffns: list[PopVllmMLP], step: VllmStep, max_n: int, with_dense: bool,
                          rounds: int = 7) -> dict[int, list[str]]:
-    """Decode batch size -> the paths, fastest first, timed on every MLP in turn (a step's FFN part) with random rows and
-    the data-free partitions; the paths alternate within each round and the median round counts. Per-slot
-    layouts read one R ∪ C copy per request, so once they lose twice in a row they are not timed further;
-    between the powers of two timed, a batch size takes the path of the next one."""
+    """Decode batch size -> the paths, fastest first, timed on every MLP in turn (a step's FFN part) with random
+    rows and the data-free partitions; the paths alternate within each round and each path's fastest round counts
+    (load only adds). Per-slot layouts read one R ∪ C copy per request, so once they lose twice in a row they are
+    not timed further; between the batch sizes timed, a batch size takes the order of the next one timed."""
     f0 = ffns[0]
     d = f0.w_down.shape[0]
     dtype = f0.w_down.dtype
