@@ -57,6 +57,22 @@ def partition_sizes(d_ff: int, sparsity: float, candidate_ratio: float) -> Parti
     return PartitionSizes(n_keep, n_R, n_C, d_ff - n_R - n_C)
 
 
+def sizes_for_keep(d_ff: int, n_keep: int, candidate_ratio: float) -> PartitionSizes:
+    """The sizes of a site that keeps ``n_keep`` channels per step: docs/spec.md's rule with n_keep given instead
+    of r (a layer-adaptive budget, ``pop_fx.allocation``). ``partition_sizes(d_ff, r, γ)`` equals
+    ``sizes_for_keep(d_ff, round((1 - r)·d_ff), γ)``."""
+    for name, v, lo, hi in (("d_ff", d_ff, 1, None), ("n_keep", n_keep, 0, d_ff)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo or (hi is not None and v > hi):
+            raise ValueError(f"{name}={v!r} is invalid: allowed an integer {lo} <= {name}" + (f" <= {hi}" if hi else ""))
+    from pop_fx.config import PopConfig
+
+    PopConfig(candidate_ratio=candidate_ratio)  # one place validates ranges
+    d_ff, n_keep, gamma = int(d_ff), int(n_keep), float(candidate_ratio)
+    n_R = max(0, n_keep - round(gamma / 2 * d_ff))
+    n_C = min(round(gamma * d_ff), d_ff - n_R)
+    return PartitionSizes(n_keep, n_R, n_C, d_ff - n_R - n_C)
+
+
 class Partition(NamedTuple):
     R: torch.Tensor
     C: torch.Tensor
@@ -247,6 +263,7 @@ __all__ = [
     "partition_sizes",
     "rank",
     "select",
+    "sizes_for_keep",
     "split",
     "top_k",
     "weight_only_scores",

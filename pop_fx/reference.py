@@ -90,6 +90,9 @@ class SiteState:
     """the keep-mask ([d_ff] or [B, d_ff]) of the latest forward"""
     proxy: "_Proxy | None" = field(default=None, repr=False)
     """candidate_proxy: the site's int8 copy and activation (None: candidates scored exactly)"""
+    allocated: list[PartitionSizes] | None = None
+    """budget other than "uniform": the sizes the decode steps use, one per sequence (one for scope "batch"), set
+    after each prefill by ``pop_fx.allocation``; None: ``sizes``"""
 
 
 @dataclass
@@ -186,6 +189,9 @@ class _Pop:
         """candidate_proxy="int8-values": per site path, the H̃ rows [N, d_ff] the decode step in flight uses as H"""
         self.unsupported: dict[str, str] = {}
         """sites that fall back to exact candidate scoring, with the reason"""
+        self.pending: dict[str, torch.Tensor] = {}
+        """budget other than "uniform": each site's scores from the prefill in flight ([d_ff] or [B, d_ff]),
+        allocated once the forward has scored every site (``after_prefill``)"""
         for s in sites:
             sizes = partition_sizes(s.d_ff, config.sparsity, config.candidate_ratio)
             if sizes.is_dense or sizes.n_keep < 1:
@@ -242,6 +248,7 @@ class _Pop:
                 return None
             part = split(scores, st.sizes)
             st.R, st.C, st.dense = part.R, part.C, False
+            self._hold(st, scores)
             keep = keep_set(scores, st.sizes)
             mask = torch.zeros(d_ff, dtype=torch.bool, device=h.device)
             mask[keep] = True
@@ -257,6 +264,7 @@ class _Pop:
             scores = torch.stack(scores)
             part = split(scores, st.sizes)
             st.R, st.C, st.dense = part.R, part.C, dense
+            self._hold(st, scores)
             keep = keep_set(scores, st.sizes)
             mask = torch.zeros(B, d_ff, dtype=torch.bool, device=h.device)
             mask.scatter_(1, keep.to(h.device), True)
@@ -265,6 +273,44 @@ class _Pop:
         if self.config.prefill == "dense":
             return None
         return mask if mask.dim() == 1 else mask[seq]
+
+    def _hold(self, st: SiteState, scores: torch.Tensor) -> None:
+        """Keep a site's prefill scores for the allocation (budget other than "uniform"; experts keep theirs)."""
+        st.allocated = None
+        if self.config.budget != "uniform" and st.site.kind != "expert":
+            self.pending[st.site.path] = scores
+
+    def after_prefill(self) -> None:
+        """Budget other than "uniform": once a prefill has scored every site, give each site (each sequence's, under
+        scope "sequence") its bucket of n_keep (``pop_fx.allocation.allocate``) and re-split its scores with those
+        sizes for the decode steps. The prefill itself ran with the uniform sizes: one forward, no second pass."""
+        from pop_fx.allocation import allocate
+
+        if not self.pending:
+            return
+        paths = [p for p in self.states if p in self.pending]
+        scores = [self.pending.pop(p) for p in paths]
+        self.pending.clear()
+        d_ffs = [self.states[p].site.d_ff for p in paths]
+        rows = scores[0].shape[0] if self.per_sequence else 1
+        per_row = [allocate(self.config.budget, [s[b] if self.per_sequence else s for s in scores], d_ffs,
+                            self.config.sparsity, self.config.candidate_ratio) for b in range(rows)]
+        for i, p in enumerate(paths):
+            st = self.states[p]
+            st.allocated = [sizes[i] for sizes in per_row]
+            if not self.per_sequence:
+                part = split(scores[i], st.allocated[0])
+                st.R, st.C = part.R, part.C
+                continue
+            # n_C and n_select are the same in every bucket (allocation.bucket_keeps): C stays [B, n_C]; R's
+            # length differs between sequences, so it is kept as a [B, d_ff] mask.
+            R = torch.zeros(rows, st.site.d_ff, dtype=torch.bool, device=scores[i].device)
+            C = []
+            for b in range(rows):
+                part = split(scores[i][b], st.allocated[b])
+                R[b, part.R] = True
+                C.append(part.C)
+            st.R, st.C = R, torch.stack(C)
 
     def _decode(self, st: SiteState, h, seq, valid):
         st.steps += 1
@@ -290,7 +336,10 @@ class _Pop:
         C = st.C.to(h.device)[seq]  # [N, n_C]
         pos = select(torch.gather(hv, 1, C), st.wd_norm[C], n_select, per_sequence=True)
         mask = torch.zeros(h.shape[0], d_ff, dtype=torch.bool, device=h.device)
-        mask.scatter_(1, st.R.to(h.device)[seq], True)
+        if st.R.dtype == torch.bool:  # a layer-adaptive budget: each sequence's R as a mask
+            mask |= st.R.to(h.device)[seq]
+        else:
+            mask.scatter_(1, st.R.to(h.device)[seq], True)
         mask.scatter_(1, torch.gather(C, 1, pos), True)
         mask[st.dense.to(h.device)[seq]] = True
         st.last_keep = mask
@@ -349,7 +398,12 @@ class _Session:
         def model_hook(module, args, kwargs):
             self.call = _call_info(module, args, kwargs)
 
+        def model_done(module, args, output):
+            if self.call is not None and self.call.prefill and hasattr(self.policy, "after_prefill"):
+                self.policy.after_prefill()
+
         self.handles.append(self.model.register_forward_pre_hook(model_hook, with_kwargs=True))
+        self.handles.append(self.model.register_forward_hook(model_done))
         experts: dict[int, list[FFNSite]] = {}
         for s in self.sites:
             if s.kind == "expert":

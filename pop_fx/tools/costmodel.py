@@ -34,7 +34,9 @@ from dataclasses import dataclass
 
 import sympy
 
-from pop_fx.partition import partition_sizes
+from typing import Sequence
+
+from pop_fx.partition import PartitionSizes, partition_sizes
 
 d, f, b = sympy.symbols("d f b", positive=True, integer=True)
 r, gamma = sympy.symbols("r γ", nonnegative=True)
@@ -169,6 +171,19 @@ def proxy_site_bytes(kind: str, d_model: int, d_ff: int, sparsity: float, candid
     return int(sympy.ceiling(expr.subs(vals)))
 
 
+def budget_bytes(kind: str, d_model: int, sizes: "Sequence[PartitionSizes]", bytes_per_element: int = 4) -> int:
+    """FFN weight bytes one decode step reads over sites of one kind and d_model, each with its own partition sizes:
+    a layer-adaptive budget (``PopConfig.budget``, ``pop_fx.allocation``) gives each site its own n_keep.
+
+        bytes = Σ_sites s·d·(m·|R ∪ C| + n_keep),   |R ∪ C| = n_keep + (n_C - n_select)
+
+    Every bucket of ``allocation.bucket_keeps`` has the uniform n_C and n_select, so bytes are linear in n_keep
+    with one slope, (m + 1)·s·d, and an allocation that keeps Σ n_keep reads exactly the uniform bytes (tested).
+    """
+    m = input_matrices(kind)
+    return sum(bytes_per_element * d_model * (m * (sz.n_R + sz.n_C) + sz.n_keep) for sz in sizes)
+
+
 @functools.cache
 def overhead_derived(kind: str = "gated") -> sympy.Expr:
     """Candidate-region overhead for every r and γ, derived from ``sizes_general()`` (sympy's Piecewise)."""
@@ -277,6 +292,6 @@ def paper_comparison(candidate_ratio: float = 0.1, total_reduction: float = 0.2)
 PAPER_NOTE = "orientation, not a target; why ours (γ/3 of the dense FFN) differs: docs/design.md, \"Cost model\""
 
 
-__all__ = ["BYTES_PER_ELEMENT", "DOMAIN", "PAPER_NOTE", "PAPER_OVERHEAD", "PAPER_SHAPES", "SYMBOLS", "SiteCost",
+__all__ = ["BYTES_PER_ELEMENT", "DOMAIN", "budget_bytes", "PAPER_NOTE", "PAPER_OVERHEAD", "PAPER_SHAPES", "SYMBOLS", "SiteCost",
            "evaluate", "expressions", "input_matrices", "overhead_derived", "overhead_general", "paper_comparison", "site_cost",
            "sizes", "sizes_general"]

@@ -292,3 +292,72 @@ def test_one_token_prompt_is_a_prefill(models):
     with reference.pruned(model, sparsity=0.5) as policy:
         model.generate(prompts(1, 1), **GEN)
     assert all(s.steps == GEN["max_new_tokens"] - 1 for s in policy.states.values())
+
+
+# Layer-adaptive budgets (PopConfig.budget, pop_fx/allocation.py): the prefill runs with the uniform sizes and
+# scores every site; once the forward is done each site gets its bucket, and decode runs with it.
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2_moe"])
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+def test_adaptive_budget_keeps_the_total_per_decode_step(models, family, scope):
+    model = models(family)
+    ids = prompts(n=3, length=9, seed=6)
+    with reference.pruned(model, PopConfig(sparsity=0.5, budget="mass", scope=scope)) as policy:
+        model(ids[:, :5])
+        prefill_keep = {p: s.last_keep.sum(-1) for p, s in policy.states.items()}
+        decode_logits(model, ids, 5)
+    rows = 3 if scope == "sequence" else 1
+    groups: dict[int, list] = {}
+    for p, st in policy.states.items():
+        uniform = partition_sizes(st.site.d_ff, 0.5, 0.1)
+        assert prefill_keep[p].eq(uniform.n_keep).all()  # the prefill itself: the uniform sizes (one pass)
+        if st.site.kind == "expert":
+            assert st.allocated is None  # experts keep the uniform budget
+            continue
+        assert len(st.allocated) == rows
+        keep = st.last_keep.reshape(-1, st.site.d_ff).sum(-1)
+        assert keep.tolist() == [s.n_keep for s in st.allocated] * (3 // rows if rows == 1 and st.last_keep.dim() == 2 else 1)
+        groups.setdefault(st.site.d_ff, []).append([s.n_keep for s in st.allocated])
+    for d_ff, per_site in groups.items():  # the total per sequence (one d_ff group) is the uniform one
+        totals = torch.tensor(per_site).sum(0)
+        assert totals.eq(len(per_site) * partition_sizes(d_ff, 0.5, 0.1).n_keep).all()
+
+
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+def test_adaptive_budget_with_no_room_is_uniform_bit_for_bit(models, scope, monkeypatch):
+    from pop_fx import allocation
+
+    model = models("qwen3")
+    ids = prompts(n=3, length=9, seed=7)
+    with reference.pruned(model, PopConfig(sparsity=0.5, scope=scope)):
+        uniform = decode_logits(model, ids, 5)
+    monkeypatch.setattr(allocation, "MAX_STEPS", 0)  # one bucket: the adaptive path must reproduce uniform POP
+    with reference.pruned(model, PopConfig(sparsity=0.5, budget="mass", scope=scope)) as policy:
+        adaptive = decode_logits(model, ids, 5)
+    assert torch.equal(adaptive, uniform)
+    assert all(st.allocated is not None for st in policy.states.values())
+
+
+def test_adaptive_decode_mask_is_R_and_the_best_candidates(models):
+    model = models("llama")
+    ids = prompts(n=2, length=8, seed=8)
+    site = find_module_sites(model)[0][1]
+    seen = []
+    handle = site.down.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))  # before POP's hook
+    with reference.pruned(model, PopConfig(sparsity=0.5, budget="mass", scope="sequence")) as policy:
+        decode_logits(model, ids, 5)
+    handle.remove()
+    st = policy.states[site.path]
+    wd = site.down_weight.norm(dim=0)
+    prompt_scores = importance(seen[0], wd, per_sequence=True)
+    for b in range(2):
+        sizes = st.allocated[b]
+        R, C, _ = split(prompt_scores[b], sizes)
+        assert st.R[b].nonzero().flatten().tolist() == R.tolist() and torch.equal(st.C[b], C)
+        step = seen[-1][b, 0]  # the last decode step's H of sequence b
+        chosen = C[top_k(step[C].abs() * wd[C], sizes.n_select)]
+        want = torch.zeros(site.d_ff, dtype=torch.bool)
+        want[R] = True
+        want[chosen] = True
+        assert torch.equal(st.last_keep[b], want)

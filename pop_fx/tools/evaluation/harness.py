@@ -237,9 +237,10 @@ def evaluate(
                     continue
                 if m.kind == "pop":
                     cfg = PopConfig(sparsity=r, candidate_ratio=m.gamma, scope=scope, prefill=prefill,
-                                    candidate_proxy=m.proxy)
+                                    candidate_proxy=m.proxy, budget=m.budget)
                     # The compiled proxy ops serve scope="batch"; batched windows (per sequence) use the reference.
-                    used = backend if m.proxy is None or scope == "batch" else "reference"
+                    # A layer-adaptive budget runs in the reference only (PopConfig.check_compiled).
+                    used = backend if (m.proxy is None or scope == "batch") and m.budget == "uniform" else "reference"
                     ctx = _pop_runner(model, cfg, used)
                 else:
                     ctx, used = _masked_runner(model, masks_from_scores(scores[m.name], r)), "reference"
@@ -251,7 +252,8 @@ def evaluate(
 
     check = None
     if check_agreement:
-        check = agreement_check(model, prompts, conts, rs, gammas=[m.gamma for m in ms if m.kind == "pop" and m.proxy is None],
+        check = agreement_check(model, prompts, conts, rs, gammas=[m.gamma for m in ms if m.kind == "pop" and m.proxy is None
+                                                                         and m.budget == "uniform"],
                                 scope=scope, prefill=prefill, n=check_agreement)
     return EvalResult(rows, settings, windows, calibration, check, text_info)
 

@@ -137,3 +137,23 @@ def test_frontier_script_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| pop-0.2 | 0.566 | 20.00 | 2.000 | no |" in out and "| proxy-1 | 0.667 | 11.00 | 1.100 | no |" in out
     assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_budget_bytes_of_the_uniform_sizes_is_site_cost():
+    sz = partition_sizes(1536, 0.5, 0.1)
+    c = costmodel.site_cost("gated", 576, 1536, 0.5, 0.1)
+    assert costmodel.budget_bytes("gated", 576, [sz] * 30) == 30 * c.pop_bytes["fp32"]
+    assert costmodel.budget_bytes("gated", 576, [sz], bytes_per_element=2) == c.pop_bytes["bf16"]
+
+
+@given(st.data(), st.integers(2, 8), st.integers(16, 400), st.floats(0.1, 0.9), st.sampled_from([0.0, 0.1, 0.2, 2.0]),
+       st.sampled_from(["gated", "plain"]))
+def test_an_allocation_reads_the_uniform_bytes(data, n_sites, d_ff, rv, gv, kind):
+    import torch
+
+    from pop_fx.allocation import allocate
+
+    scores = [torch.tensor(data.draw(st.lists(st.floats(0, 100), min_size=d_ff, max_size=d_ff))) for _ in range(n_sites)]
+    sizes = allocate("mass", scores, [d_ff] * n_sites, rv, gv)
+    uniform = [partition_sizes(d_ff, rv, gv)] * n_sites
+    assert costmodel.budget_bytes(kind, 64, sizes) == costmodel.budget_bytes(kind, 64, uniform)
