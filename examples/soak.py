@@ -7,7 +7,7 @@
 Prints resident memory (VmRSS) after warm-up and at the end, every backend
 invocation (a compile or recompile: which graph kinds it rewrote, for which
 input shape), whether Dynamo's recompile limit was hit (after it, new shapes
-run uncompiled: see README "Guarantees and limits"), and whether a fixed probe
+run uncompiled: see docs/design.md, "Limits"), and whether a fixed probe
 prompt gives the same tokens and logits at the start and at the end (state
 leaking from one request into a later one would change them). ``--json``
 writes the figures as one object.

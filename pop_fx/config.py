@@ -19,6 +19,7 @@ _LOWERINGS = ("inductor", "eager")
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _PROXIES = (None, "int8", "int8-gate", "int3", "int8-values")
 _KERNELS = ("auto", "torch", "triton")
+_BUDGETS = ("uniform", "mass")  # pop_fx.allocation.BUDGETS (tested equal; not imported: allocation imports torch)
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,10 @@ class PopConfig:
     low-precision full re-evaluation with an exact down projection — gate/up of every channel from the per-row int8
     copy (bf16 activations and scales, bf16 products), candidates ranked from them as POP ranks (R always kept),
     and the chosen channels' int8-derived activations used directly as H (no exact gate/up at all); the down
-    projection is exact over the n_keep chosen channels only. Its H carries the int8 copy's error (see README);
+    projection is exact over the n_keep chosen channels only. Its H carries the int8 copy's error
+    (docs/design.md, "int8-values");
     candidate_ratio=2 (every channel a candidate) is what it is for. Gated FFNs with a known activation only; a
-    wide band (e.g. candidate_ratio 0.6) is what the other proxies are for. Beyond the paper: see README
+    wide band (e.g. candidate_ratio 0.6) is what the other proxies are for. Beyond the paper: see docs/design.md
     "Proxy-scored candidates"."""
 
     scope: str = "batch"
@@ -49,6 +51,11 @@ class PopConfig:
 
     prefill: str = "pruned"
     """"pruned": the prefill's down projection uses R ∪ top candidates (the paper); "dense": prefill stays exact."""
+
+    budget: str = "uniform"
+    """"uniform": every FFN keeps round((1 - r)·d_ff) channels (the paper); "mass": at each prefill, channels move
+    between FFNs of one d_ff under the same total, to those whose top channels hold less of the prompt's importance
+    mass (``pop_fx.allocation``; eager reference only, beyond the paper)."""
 
     empty_expert: str = "weights"
     """Expert that got no prefill token: "weights" = data-free partition from weight norms, "dense" = not pruned."""
@@ -65,9 +72,11 @@ class PopConfig:
     graph at once (fusion across layer boundaries). CUDA-graph modes always compile the whole graph."""
 
     kernels: str = "auto"
-    """CUDA decode kernels: "torch" (cuBLAS GEMV over the masked activations, torch.topk), "triton" (pop-fx's
-    select + split-K GEMV kernels), "auto" = the measured faster one (torch until a GPU run shows otherwise).
-    The CPU always runs the torch ops through Inductor."""
+    """How the decode ops are implemented (``pop_fx.autotune``): "auto" = Inductor benchmarks every equivalent
+    implementation that serves the op's shapes on this machine at compile time and inlines the fastest
+    (``pop_fx.report(model).choices`` says which, with Inductor's times); "torch" pins the torch family (masked
+    GEMV; cuBLAS on CUDA), "triton" pop-fx's Triton kernels where they serve (CUDA; elsewhere the torch family).
+    With ``lowering="eager"`` nothing is measured: "auto" runs the torch family."""
 
     max_batch_size: int = 64
     """scope="sequence": sequences per batch that per-sequence state is allocated for, >= 1."""
@@ -81,6 +90,7 @@ class PopConfig:
         _check_choice("candidate_proxy", self.candidate_proxy, _PROXIES)
         _check_choice("scope", self.scope, _SCOPES)
         _check_choice("prefill", self.prefill, _PREFILLS)
+        _check_choice("budget", self.budget, _BUDGETS)
         _check_choice("empty_expert", self.empty_expert, _EMPTY_EXPERT)
         _check_choice("lowering", self.lowering, _LOWERINGS)
         _check_choice("mode", self.mode, _MODES)
@@ -134,11 +144,15 @@ class PopConfig:
             raise ValueError(f"PopConfig.candidate_proxy={self.candidate_proxy!r} with scope={self.scope!r}: the "
                              "compiled proxy ops serve scope='batch' only (pop_fx.reference.pruned runs both scopes); "
                              "allowed candidate_proxy=None with scope='sequence'")
+        if self.budget != "uniform":
+            raise ValueError(f"PopConfig.budget={self.budget!r}: the compiled backend serves budget='uniform' only "
+                             "(pop_fx.reference.pruned runs every budget); allowed budget='uniform'")
         return self
 
     @property
     def kernel_code(self) -> int:
-        """What the decode ops' ``kernels`` argument carries: 0 = torch ops, 1 = Triton kernels (CUDA only)."""
+        """What the decode ops' ``kernels`` argument carries in the traced graph: 0 = torch ops, 1 = Triton kernels
+        (CUDA only). "auto" traces as 0; the backend's ``autotune.KernelsPass`` rewrites it before lowering."""
         return 1 if self.kernels == "triton" else 0
 
     def replace(self, **changes: Any) -> "PopConfig":

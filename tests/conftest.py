@@ -34,7 +34,7 @@ def _seed():
 def _fresh_dynamo():
     # Dynamo's recompile limit counts graphs per code object across the whole process: without a reset,
     # the models compiled by earlier test modules push a later module's model past it, and it then runs
-    # uncompiled (see README "Guarantees and limits"). Each test module starts from a clean Dynamo.
+    # uncompiled (see docs/design.md, "Limits"). Each test module starts from a clean Dynamo.
     torch._dynamo.reset()
     yield
 

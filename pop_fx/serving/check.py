@@ -1,6 +1,6 @@
 """The engine-contract harness as a script: N randomized schedules, every request against its solo oracle.
 
-    python -m pop_fx.serving.check --schedules 200            # the README's figure
+    python -m pop_fx.serving.check --schedules 200            # docs/serving.md's figure
     python -m pop_fx.serving.check --schedules 20 --family qwen2
 
 Each schedule draws (from its seed) 1–6 requests with random prompts (1–24 tokens), lengths (1–8 new tokens)

@@ -206,8 +206,8 @@ class _Block(nn.Module):
         return x + self.mlp(self.norm(x))
 
 
-# case -> (mlp factory, sparsity, where the report lists it: a dense row's reason, a warning, or None (README's
-# "Guarantees and limits": a down projection that is no nn.Linear/Conv1D of a Parameter is not an FFN to either
+# case -> (mlp factory, sparsity, where the report lists it: a dense row's reason, a warning, or None (docs/design.md,
+# "Limits": a down projection that is no nn.Linear/Conv1D of a Parameter is not an FFN to either
 # the graph matcher or the module discovery))
 UNSUPPORTED = {
     "unknown_op": (lambda: _MLP(mid=lambda h: torch.sin(h) * torch.relu(h)), 0.5, "sin between the up and down"),
@@ -493,7 +493,7 @@ def test_a_wrong_candidate_breaks_the_tolerance(monkeypatch):
 
 
 def test_soak_smoke():
-    """examples/soak.py, 3 calls (the 200-call figures are in README): bounded compiles, no probe drift."""
+    """examples/soak.py, 3 calls (the 200-call figures are in docs/design.md): bounded compiles, no probe drift."""
     import importlib.util
     from pathlib import Path
 

@@ -2,7 +2,7 @@
 scheduler get exactly the tokens ``reference.pruned`` gives each of them alone.
 
 CI runs a few dozen randomized schedules; ``python -m pop_fx.serving.check --schedules 200`` runs the 200
-the README quotes (same draw, same oracle).
+docs/serving.md quotes (same draw, same oracle).
 """
 
 import random
