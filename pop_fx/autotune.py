@@ -318,7 +318,13 @@ def decisions(config=None, earlier: bool = False) -> list[Decision]:
     out: dict[tuple, Decision] = {}
     for d in found:  # pinned graphs (pop-fx bench's fixed variants) and autotuned ones of one config apart
         if config is None or _config_key(d.config) == _config_key(config):
-            out[(d.op, d.shapes, _config_key(config), d.how.endswith("pinned"))] = d
+            key = (d.op, d.shapes, _config_key(config), d.how.endswith("pinned"))
+            seen = out.get(key)
+            # the same op and shapes lowered again in another graph (first and later decode graphs) hits the
+            # autotune cache the first lowering filled: that first one says how the choice was made
+            if seen is not None and seen.how == "measured" and d.how == "cached" and seen.choice == d.choice:
+                continue
+            out[key] = d
     return list(out.values())
 
 
@@ -565,35 +571,5 @@ def _tune(ops: OpChoices, serving: list[Choice], tensors, others, args_meta, sha
     return node
 
 
-def measure(overload, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> Decision | None:
-    """Lower one call of a ``pop::`` op through Inductor with ``kernels=AUTO`` on these real arguments (a graph of
-    that call alone), and return the decision its lowering made: what ``pop-fx inspect`` shows without compiling a
-    model. None if this torch has no lowering hook."""
-    from torch._inductor import compile as inductor_compile
-
-    install()
-    if not support()["lowering"]:
-        return None
-    names = [a.name for a in overload._schema.arguments]
-    bound = dict(zip(names, args))
-    bound.update(kwargs or {})
-    bound["kernels"] = AUTO
-    tensor_names = [n for n, v in bound.items() if isinstance(v, torch.Tensor)]
-
-    def call(*tensors):
-        return overload(**{**bound, **dict(zip(tensor_names, tensors))})
-
-    tensors = [bound[n] for n in tensor_names]
-    with torch.no_grad():
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        gm = make_fx(call)(*tensors)
-        before = len(_DECISIONS)
-        inductor_compile(gm, tensors)
-    qualname = f"pop::{overload._schema.name.split('::')[-1]}"
-    made = [d for d in _DECISIONS[before:] if d.op == qualname]
-    return made[-1] if made else None
-
-
 __all__ = ["AUTO", "CODES", "Choice", "Decision", "KernelsPass", "PIN", "TORCH", "TRITON", "choice_code", "clear",
-           "decisions", "inductor_patches", "install", "measure", "pinned", "register", "registry", "run", "support"]
+           "decisions", "inductor_patches", "install", "pinned", "register", "registry", "run", "support"]

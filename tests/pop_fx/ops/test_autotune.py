@@ -149,3 +149,20 @@ def test_report_names_the_choice_with_inductors_times():
         m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     pinned = [c for c in pop_fx.report(m).choices if not c["how"].startswith("earlier")]
     assert {(c["op"], c["choice"], c["how"]) for c in pinned} == {("pop::decode", "masked", "pinned")}
+
+
+def test_a_later_graph_hitting_the_cache_keeps_the_first_lowerings_measured_decision():
+    """The first and later decode graphs lower the same op and shapes: the second hits the autotune cache the
+    first filled, and report() must still say the choice was measured (with the first's times)."""
+    autotune.clear()
+    try:
+        cfg = PopConfig()
+        first = autotune.Decision("pop::decode", "h 1x8 f32", "masked", "measured", {"masked": 1.0}, cfg)
+        again = autotune.Decision("pop::decode", "h 1x8 f32", "masked", "cached", {"masked": 1.0}, cfg)
+        other = autotune.Decision("pop::decode", "h 1x8 f32", "gather_mm", "cached", {"gather_mm": 0.5}, cfg)
+        autotune._DECISIONS.extend([first, again])
+        assert [d.how for d in autotune.decisions(cfg)] == ["measured"]
+        autotune._DECISIONS.append(other)  # a different verdict later: the latest stands
+        assert [(d.choice, d.how) for d in autotune.decisions(cfg)] == [("gather_mm", "cached")]
+    finally:
+        autotune.clear()
