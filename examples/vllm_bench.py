@@ -128,6 +128,8 @@ def bench_hf(args) -> list[dict]:
         m = copy.deepcopy(base).eval()
         if v == "dense-inductor":
             m.compile(backend="inductor")
+        elif v == "pop_fx.compile-dense":  # compiled as POP is (regional), nothing pruned: POP's own baseline
+            pop_fx.compile(m, PopConfig(sparsity=0.0))
         elif v == "pop_fx.compile":
             pop_fx.compile(m, PopConfig(sparsity=args.sparsity, candidate_ratio=args.candidate_ratio))
         elif v == "pop_fx.compile-sequence":
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidate-ratio", type=float, default=0.1)
     ap.add_argument("--variants", nargs="+", default=None,
                     help="vllm: dense layouts ragged auto (one engine), or plain (no plugin, another process); "
-                         "hf: dense-inductor pop_fx.compile pop_fx.compile-sequence")
+                         "hf: dense-inductor pop_fx.compile-dense pop_fx.compile pop_fx.compile-sequence")
     ap.add_argument("--kv-mb", type=int, default=512, help="vLLM's KV cache, MiB")
     ap.add_argument("--threads", type=int, default=1,
                     help="OMP_NUM_THREADS for both stacks (vLLM's CPU worker otherwise keeps one OpenMP thread per "
@@ -206,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        args.variants = args.variants or ["dense-inductor", "pop_fx.compile", "pop_fx.compile-sequence"]
-        rows, ref = bench_hf(args), "dense-inductor"
+        args.variants = args.variants or ["dense-inductor", "pop_fx.compile-dense", "pop_fx.compile",
+                                          "pop_fx.compile-sequence"]
+        rows, ref = bench_hf(args), "pop_fx.compile-dense" if "pop_fx.compile-dense" in args.variants else \
+            "dense-inductor"
     print(f"\nDecode tokens/s, SmolLM2, sparsity={args.sparsity}, candidate_ratio={args.candidate_ratio}, "
           f"{args.tokens} tokens x {args.rounds} rounds, median; (x {ref}); [1-min load average]")
     print_table(rows, ref)

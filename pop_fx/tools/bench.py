@@ -4,10 +4,11 @@ Variants (each its own compiled module over the *same* Parameters, except the co
 
 * ``dense-eager``     — the model as is;
 * ``dense-inductor``  — stock ``torch.compile`` (Inductor, default options), gate and up as two GEMVs;
-* ``dense-fused``     — the same with each gated FFN's gate and up concatenated into one projection (a copy
-                        of those weights), the fusion POP's decode uses: the fair dense baseline;
+* ``dense-fused``     — each gated FFN's gate and up concatenated into one projection (a copy of those
+                        weights), the fusion POP's decode uses, compiled as POP is (``pop_fx.compile`` with r = 0:
+                        regional, the same Inductor settings): the fair dense baseline;
 * ``sliced``          — every FFN physically cut to the n_keep channels POP computes per step, gate and up
-                        fused like POP's (the speed POP could reach at zero overhead: the ideal);
+                        fused like POP's, compiled as POP is (the speed POP could reach at zero overhead: the ideal);
 * ``sliced-unfused``  — the ideal with gate and up as two GEMVs (kept: on some shapes it is the faster one);
 * ``pop``             — ``backend="pop"`` at the requested r and γ;
 * ``pop-full``        — ``backend="pop"`` with full re-evaluation (γ = 2);
@@ -201,6 +202,11 @@ def _build_variants(model, config, variants, n_keep_of, proxy_gamma: float = 1.0
             m = {"dense-inductor": lambda: shallow_copy(model), "dense-fused": lambda: fused_copy(model),
                  "sliced": lambda: sliced_copy(model, n_keep_of, fused=True),
                  "sliced-unfused": lambda: sliced_copy(model, n_keep_of)}[v]()
+            if v in ("dense-fused", "sliced"):
+                # the baselines of the ratios compile as POP does (pop_fx.compile: regional, its Inductor
+                # settings) with nothing pruned, so a ratio measures pruning, not how the graph was compiled
+                built[v] = pop_fx.compile(m, config.replace(sparsity=0.0), mode=mode)
+                continue
             m.compile(**inductor)
             built[v] = m
         elif v in POP_VARIANTS:
