@@ -6,8 +6,9 @@
     python examples/compile_time.py --decode-only --rounds 5
 
 Cold: each configuration in a process of its own with an empty ``TORCHINDUCTOR_CACHE_DIR`` (what a new user
-meets), timing ``pop_fx.compile`` + ``generate(max_new_tokens=1)`` (the prefill graph) and then the first 8
-tokens (the two decode graphs). Decode: the four models side by side in one process, rounds interleaved, decode
+meets; then warm: a second process over that cache), timing ``pop_fx.compile`` + ``generate(max_new_tokens=1)``
+(the prefill graph) and then the first 8 tokens (the two decode graphs), with how many decode ops Inductor's
+autotuner benchmarked (``kernels="auto"``). Decode: the four models side by side in one process, rounds interleaved, decode
 tokens/s between the first and the last new token (``pop_fx.tools.timing.StepStamps``); the dense model's weight
 GB/s is printed beside it (memory speed here moves by up to 2x from day to day). The lookup: what the backend's
 ``Binder`` adds to every call of a SmolLM2 decode graph (30 sites), against the step it serves.
@@ -48,20 +49,28 @@ def _cold_child(name: str) -> None:
         t1 = time.perf_counter()
         out = model.generate(ids, max_new_tokens=8, do_sample=False)
     t2 = time.perf_counter()
+    from pop_fx import autotune
+
+    hows = [d.how for d in autotune.decisions()]
     print(json.dumps({"name": name, "first_token_s": t1 - t0, "then_8_tokens_s": t2 - t1,
+                      "tuned": sum(h == "measured" for h in hows), "tune_cached": sum(h == "cached" for h in hows),
                       "text": tok.decode(out[0][ids.shape[1]:])}))
 
 
 def cold(names) -> list[dict]:
+    """Each configuration twice in fresh processes over one new Inductor cache: cold (empty cache: every graph
+    compiled, every autotuned op benchmarked), then warm (Inductor's FX graph and autotune caches hit)."""
     rows = []
     for name in names:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="pop-cold-"))
-        out = subprocess.run([sys.executable, __file__, "--child", name], env=env, capture_output=True, text=True,
-                             check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        r = rows[-1]
-        print(f"  cold {name:16s} compile + first token {r['first_token_s']:6.1f} s, then 8 tokens "
-              f"{r['then_8_tokens_s']:5.1f} s   {r['text']!r}", flush=True)
+        for when in ("cold", "warm"):
+            out = subprocess.run([sys.executable, __file__, "--child", name], env=env, capture_output=True,
+                                 text=True, check=True)
+            rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "when": when})
+            r = rows[-1]
+            print(f"  {when} {name:16s} compile + first token {r['first_token_s']:6.1f} s, then 8 tokens "
+                  f"{r['then_8_tokens_s']:5.1f} s, ops benchmarked {r['tuned']} (from cache {r['tune_cached']})  "
+                  f"{r['text']!r}", flush=True)
     return rows
 
 
