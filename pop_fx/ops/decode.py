@@ -39,10 +39,6 @@ from pop_fx import autotune
 from pop_fx.ops.splitk_gemv import BLOCK_B, gemv_triton, select_fits, select_mask_triton, triton
 from pop_fx.partition import candidate_topk
 
-KERNELS = ("torch", "triton", "auto")
-"""``kernels`` argument of the decode ops (``pop_fx.autotune``'s codes): 0 = torch family, 1 = Triton family (CUDA),
-2 = Inductor measures (the backend's post-grad pass writes it for ``kernels="auto"``), 16 + i = choice i pinned"""
-
 
 def candidate_mask(h_c: Tensor, wd_norm_c: Tensor, n_select: int, per_sequence: bool = False) -> Tensor:
     """0/1 in h's dtype over C ([n_C], or [B, n_C] per sequence): the candidates this step computes."""
@@ -155,5 +151,5 @@ def _(h_rc, wd_rc, bd, wd_norm_c, n_R, n_select, kernels=0):
     return h_rc.new_empty(*h_rc.shape[:-1], wd_rc.shape[0])
 
 
-__all__ = ["CHOICES", "KERNELS", "candidate_mask", "decode", "decode_gather_mm", "decode_gather_sum",
+__all__ = ["CHOICES", "candidate_mask", "decode", "decode_gather_mm", "decode_gather_sum",
            "decode_reference", "decode_triton", "triton_serves"]

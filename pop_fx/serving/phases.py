@@ -9,6 +9,5 @@ A chunk before the last must run dense: its partition is not known yet (docs/spe
 """
 
 PREFILL, LAST, DECODE, DENSE = 0, 1, 2, 3
-NAMES = ("prefill", "last", "decode", "dense")
 
-__all__ = ["DECODE", "DENSE", "LAST", "NAMES", "PREFILL"]
+__all__ = ["DECODE", "DENSE", "LAST", "PREFILL"]
