@@ -18,8 +18,8 @@ Sections, in the order that decides defaults first (docs/gpu.md has the same lis
                     copy's read + write GB/s beside it). Every GB/s below is compared with the read-only figure.
 * ``stack``       — an 8-layer 1B-shaped FFN stack, one decode step, per cell (CUDA graphs on/off × batch 1/8,
                     graphs first) the variants back to back: dense Inductor, POP kernels="torch", POP
-                    kernels="triton" (and ``AUTOTUNED``, a hook for kernels="auto" once it means Inductor's
-                    autotuner). Each variant's decode output is checked against the same POP graph run eagerly
+                    kernels="triton" and ``autotuned`` (kernels="auto": Inductor's autotuner picks, its choices
+                    and benchmark times recorded). Each variant's decode output is checked against the same POP graph run eagerly
                     (``lowering="eager"``, torch ops) or, for dense, the uncompiled model; compile time, median
                     step, GB/s, speedup over dense and the targets; Inductor's "assuming every input is mutated"
                     warnings counted while compiling; under CUDA graphs the skipped-graph and copied-input counters.
@@ -98,9 +98,9 @@ STACK_SHAPE = (64, 256) if TINY else (2048, 5632)
 # with like on one machine state.
 STACK_CELLS = ((True, 1), (True, 8), (False, 1), (False, 8))
 VARIANTS = ("dense", "pop-torch", "pop-triton", "autotuned")
-# The hook for the autotuned variant: None until PopConfig(kernels="auto") means Inductor's autotuner choosing
-# between the torch and Triton decode kernels; then the PopConfig fields (e.g. dict(kernels="auto")) that select it.
-AUTOTUNED = None
+# The autotuned variant's PopConfig fields: kernels="auto" is Inductor's autotuner choosing among the decode ops'
+# implementations (pop_fx.autotune: on CUDA the torch bodies and the Triton kernels); None skips the variant.
+AUTOTUNED = dict(kernels="auto")
 MOE_SHAPE = "tiny" if TINY else "olmoe"  # pop_fx.tools.bench_moe.MOE_SHAPES: d 2048, 64 experts of 1024, top-8
 MOE_LAYERS = 2 if TINY else 4
 LLAMA = (dict(hidden_size=64, intermediate_size=352, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
@@ -865,8 +865,7 @@ def stack_cell(model, graphs, B):
     for v in VARIANTS:
         cell = dict(variant=v, batch=B, cuda_graphs=graphs, layers=L, shape=[d, f])
         if v != "dense" and pop_config(v) is None:
-            LOG.write("stack", "skipped", reason="hook: set AUTOTUNED once kernels='auto' is Inductor's autotuner",
-                      **cell)
+            LOG.write("stack", "skipped", reason="AUTOTUNED is None", **cell)
             continue
         if not budget_left("stack", 35, **cell):
             continue
@@ -898,6 +897,10 @@ def stack_cell(model, graphs, B):
             step = statistics.median(samples)
             times[v] = step
             nbytes = bytes_step.get(v, pop_bytes)
+            if v == "autotuned":  # what Inductor's autotuner chose for this cell, with the times it saw
+                from pop_fx import autotune
+
+                cell["choices"] = [d.as_dict() for d in autotune.decisions() if not d.how.endswith("pinned")]
             rec = dict(**cell, step_ms=step * 1e3, per_layer_ms=step * 1e3 / L, samples_ms=[s * 1e3 for s in samples],
                        compile_s=compile_s, read_bytes=nbytes, gbps=nbytes / step / 1e9, ideal_bytes=ideal_bytes,
                        rel_err_vs_eager=rel, tol=STACK_TOL, mutated_input_warnings=warned.count,

@@ -79,22 +79,22 @@ def test_stack_cells_run_every_variant_back_to_back_and_match_eager(records):
     cells = {(r["cuda_graphs"], r["batch"]) for r in stack}
     assert cells == {(True, 1), (True, 8), (False, 1), (False, 8)}
     for cell in cells:
-        assert {r["variant"] for r in stack if (r["cuda_graphs"], r["batch"]) == cell} == {"dense", "pop-torch",
-                                                                                           "pop-triton"}
+        assert {r["variant"] for r in stack if (r["cuda_graphs"], r["batch"]) == cell} == {
+            "dense", "pop-torch", "pop-triton", "autotuned"}
     assert all(r["pass"] and r["step_ms"] > 0 and r["mutated_input_warnings"] >= 0 for r in stack)
     assert all("speedup_vs_dense" in r for r in stack if r["variant"] != "dense")
-    hook = [r for r in records if r["section"] == "stack" and r.get("variant") == "autotuned"]
-    assert hook and all(r["status"] == "skipped" and "AUTOTUNED" in r["reason"] for r in hook)
+    tuned = [r for r in stack if r["variant"] == "autotuned"]  # Inductor's choice per op, recorded
+    assert tuned and all(any(c["op"] == "pop::decode" for c in r["choices"]) for r in tuned)
 
 
 def test_profile_moe_llama_ceiling_and_drift_recorded(records):
     prof = {r["variant"]: r for r in records if r["section"] == "profile" and r["status"] == "ok"}
-    assert set(prof) == {"dense", "pop-torch", "pop-triton"} and all(p["total"] > 0 for p in prof.values())
+    assert {"dense", "pop-torch", "pop-triton"} <= set(prof) and all(p["total"] > 0 for p in prof.values())
     assert all(set(p["kinds"]) <= {"gemv", "select", "small"} for p in prof.values())
     moe = {r["variant"]: r for r in records if r["section"] == "moe"}
-    assert set(moe) == {"dense", "pop-torch", "pop-triton"} and all(m["pass"] and m["prefill_ms"] > 0 for m in moe.values())
+    assert {"dense", "pop-torch", "pop-triton"} <= set(moe) and all(m["pass"] and m["prefill_ms"] > 0 for m in moe.values())
     llama = {r["variant"]: r for r in records if r["section"] == "llama7b"}
-    assert set(llama) == {"dense", "pop-torch", "pop-triton"} and all(v["ttft_ms"] > 0 for v in llama.values())
+    assert {"dense", "pop-torch", "pop-triton"} <= set(llama) and all(v["ttft_ms"] > 0 for v in llama.values())
     ceiling = [r for r in records if r["section"] == "ceiling"]
     assert ceiling[0]["read_gbps"] > 0 and ceiling[0]["copy_gbps"] > 0
     assert [r for r in records if r["section"] == "drift"][0]["read_vs_start"] > 0
