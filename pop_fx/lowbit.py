@@ -121,14 +121,38 @@ def int8_rows_mm(x2: Tensor, q: Tensor, s: Tensor) -> Tensor:
     return torch.ops.aten._weight_int8pack_mm(x2.to(VALUES_DTYPE).contiguous(), q, s).float()
 
 
-def values_activations(x2: Tensor, q: Tensor, s: Tensor, d_ff: int, act: int) -> Tensor:
-    """H̃ = act(g̃) · ũ of every channel ([N, d_ff], fp32; act applied in fp32 to the bf16 products)."""
+def int8_rows_reduce(x2: Tensor, q: Tensor, s: Tensor) -> Tensor:
+    """``int8_rows_mm`` as one reduction Inductor compiles: x rounded to bf16, each bf16 × int8 product exact in fp32,
+    summed in fp32, times the bf16 scale, rounded to bf16 — the same numbers up to the order of the fp32 sum. Under
+    Inductor the int8 → fp32 conversion fuses into the reduction loop, so the int8 bytes are read once, with no
+    packed kernel's compute bound (``examples/values_rows.py`` times both). Eagerly it materialises [N, rows, d]:
+    compiled use only (an autotuned choice of ``pop::values_decode``)."""
+    xb = x2.float() if x2.dtype == VALUES_DTYPE else round_bf16(x2.float())  # a bf16 x is already rounded
+    return round_bf16((xb[:, None, :] * q.float()[None]).sum(-1) * s.float())
+
+
+def round_bf16(v: Tensor) -> Tensor:
+    """fp32 ``v`` rounded to the nearest bf16 (ties to even), kept in fp32 — as ``v.to(bfloat16).float()`` but in
+    integer ops on the bits: Inductor drops a ``.to(bfloat16).float()`` pair inside a compiled graph (unless
+    ``emulate_precision_casts``), and the reduce choice must round where the packed kernel does. Finite inputs."""
+    i = v.contiguous().view(torch.int32)
+    i = (i + (0x7FFF + ((i >> 16) & 1))) & -65536
+    return i.view(torch.float32)
+
+
+ROWS = {"pack": int8_rows_mm, "reduce": int8_rows_reduce}
+"""the two implementations of the int8 row products ("pack": the eager reference's)"""
+
+
+def values_activations(x2: Tensor, q: Tensor, s: Tensor, d_ff: int, act: int, rows: str = "pack") -> Tensor:
+    """H̃ = act(g̃) · ũ of every channel ([N, d_ff], fp32; act applied in fp32 to the bf16 products); ``rows``
+    names the row-product implementation (``ROWS``)."""
     from pop_fx.activations import activation
 
-    z = int8_rows_mm(x2, q, s)
+    z = ROWS[rows](x2, q, s)
     return activation(act)(z[:, :d_ff]) * z[:, d_ff:]
 
 
-__all__ = ["BITS", "PROXIES", "VALUES", "VALUES_DTYPE", "bf16_scales", "down_channel_major", "int8_rows_mm",
+__all__ = ["BITS", "PROXIES", "VALUES", "VALUES_DTYPE", "ROWS", "bf16_scales", "down_channel_major", "int8_rows_mm", "int8_rows_reduce", "round_bf16",
            "values_activations", "values_tables", "dequantize", "pack_int3", "proxy_tables", "quantize_rows", "quantize_rows_int3",
            "unpack_int3"]

@@ -6,8 +6,10 @@ Beyond the paper: a low-precision full re-evaluation with an exact down projecti
     S_t   = R ∪ top_{n_select}( |H̃_C| · ||Wd[:, C]|| )  POP's candidate scoring (partition.candidate_topk)
     y     = Σ_{j ∈ S_t} H̃_j · Wd[:, j]  (+ bd)          exact down weights, the chosen n_keep channels only
 
-The int8 products run in ``aten._weight_int8pack_mm`` (x and the scales in bf16, bf16 out; ``lowbit.int8_rows_mm``).
-No exact gate/up row is read: H of the chosen channels IS the int8-derived H̃. The down projection over the n_keep
+The int8 products run in ``aten._weight_int8pack_mm`` (x and the scales in bf16, bf16 out; ``lowbit.int8_rows_mm``)
+or, in the ``reduce_*`` choices, as one reduction Inductor compiles over the int8 rows (``lowbit.int8_rows_reduce``:
+the same roundings, the fp32 sum in another order; reads the int8 bytes once where the packed kernel is
+compute-bound on this CPU). No exact gate/up row is read: H of the chosen channels IS the int8-derived H̃. The down projection over the n_keep
 chosen channels has three implementations (``pop_fx.autotune`` choices; under ``kernels="auto"`` Inductor measures
 them, the op's ``kernels`` argument defaulting to it):
 
@@ -35,10 +37,10 @@ from pop_fx.partition import candidate_topk
 
 
 def _chosen(x: Tensor, q: Tensor, s: Tensor, rc_idx: Tensor, wd_norm_c: Tensor, n_R: int, n_select: int, d_ff: int,
-            act: int) -> tuple[Tensor, Tensor]:
+            act: int, rows: str = "pack") -> tuple[Tensor, Tensor]:
     """(idx [n_keep]: R then the chosen candidates, h_sel [B, n_keep] fp32: their int8-derived activations)."""
     x2 = x.reshape(-1, x.shape[-1])
-    h = values_activations(x2, q, s, d_ff, act)  # [B, d_ff] fp32
+    h = values_activations(x2, q, s, d_ff, act, rows)  # [B, d_ff] fp32
     rc = rc_idx[0]
     c_idx = rc[n_R:]
     pos = candidate_topk(h.index_select(1, c_idx), wd_norm_c, n_select)
@@ -66,9 +68,11 @@ DOWNS = {"ebag": _down_ebag, "masked": _down_masked, "gather_sum": _down_gather_
 
 
 def values_decode_down(x: Tensor, q: Tensor, s: Tensor, wd_t: Tensor, wd: Tensor, bd: Tensor | None, rc_idx: Tensor,
-                       wd_norm_c: Tensor, n_R: int, n_select: int, d_ff: int, act: int, down: str) -> Tensor:
-    """The op with its down projection by ``down`` (one of ``DOWNS``)."""
-    idx, h_sel = _chosen(x, q, s, rc_idx, wd_norm_c, n_R, n_select, d_ff, act)
+                       wd_norm_c: Tensor, n_R: int, n_select: int, d_ff: int, act: int, down: str,
+                       rows: str = "pack") -> Tensor:
+    """The op with its int8 row products by ``rows`` (``lowbit.ROWS``) and its down projection by ``down``
+    (one of ``DOWNS``)."""
+    idx, h_sel = _chosen(x, q, s, rc_idx, wd_norm_c, n_R, n_select, d_ff, act, rows)
     y = DOWNS[down](idx, h_sel, wd_t, wd, bd, d_ff)
     return y.to(x.dtype).reshape(*x.shape[:-1], wd_t.shape[1])
 
@@ -87,7 +91,9 @@ def _index_inputs(a):
 
 CHOICES = autotune.register(
     "pop::values_decode",
-    [autotune.Choice(name, lambda down=name, **a: values_decode_down(**a, down=down)) for name in DOWNS],
+    [autotune.Choice(name, lambda down=name, **a: values_decode_down(**a, down=down)) for name in DOWNS]
+    + [autotune.Choice(f"reduce_{name}", lambda down=name, **a: values_decode_down(**a, down=down, rows="reduce"))
+       for name in DOWNS],
     lambda code, a, lowering: "ebag" if a["x"].reshape(-1, a["x"].shape[-1]).shape[0] == 1 else "masked",
     _index_inputs)
 

@@ -58,6 +58,23 @@ def test_int8_rows_mm_error_is_the_stated_bf16_rounding():
     torch.testing.assert_close(values_activations(x, q, s, 64, SILU), F.silu(got[:, :64]) * got[:, 64:])
 
 
+@pytest.mark.parametrize("B,d", [(1, 96), (3, 40), (8, 17)])
+def test_rows_reduce_is_the_packed_kernel_up_to_the_sum_order(B, d):
+    # The same roundings (x to bf16, the result to bf16); only the fp32 sum's order differs: each value is the
+    # packed kernel's or one bf16 step from it. Eagerly and compiled by Inductor (the form the choice runs in).
+    from pop_fx.lowbit import int8_rows_reduce
+
+    g = torch.Generator().manual_seed(3)
+    q, s = values_tables(torch.randn(64, d, generator=g), torch.randn(64, d, generator=g))
+    x = torch.randn(B, d, generator=g) * 3
+    want = int8_rows_mm(x, q, s) if d % 16 == 0 else (x.bfloat16().float() @ q.float().t() * s.float()).bfloat16().float()
+    step = 2.0 ** (torch.floor(torch.log2(want.abs().clamp_min(1e-30))) - 7)  # one bf16 ulp at the value
+    for got in (int8_rows_reduce(x, q, s), torch.compile(int8_rows_reduce, backend="inductor", dynamic=False)(x, q, s)):
+        assert got.dtype == torch.float32 and got.shape == (B, 128)
+        assert ((got - want).abs() <= step * 1.01).all()
+        assert (got == want).float().mean() > 0.9
+
+
 @pytest.mark.parametrize("B,n_R", [(1, 0), (3, 0), (1, 5), (2, 5)])
 def test_op_is_the_explicit_math(B, n_R):
     g = torch.Generator().manual_seed(2)
@@ -115,6 +132,27 @@ def test_compiled_inductor_equals_the_reference_and_prefill_copies_no_layout():
         assert st.tensors["w_in"].numel() == 0 and st.tensors["wd_rc"].numel() == 0
         assert set(st.proxy) == {"q", "s", "wd_t"} and st.proxy["wd_t"].shape == (st.d_ff, st.d_out)
     pop_fx.decompile(model)
+
+
+@pytest.mark.parametrize("choice,B", [("reduce_ebag", 1), ("reduce_masked", 2)])
+def test_inductor_with_the_int8_rows_as_a_reduction_equals_the_reference(choice, B):
+    # the reduce_* choices round where the packed kernel does (lowbit.round_bf16: Inductor would drop a
+    # .to(bfloat16).float() pair), so the compiled model picks the reference's channels and tokens
+    from pop_fx import autotune
+    from pop_fx.tools.autotuned import pinned_compile
+
+    model = tiny_model("llama")
+    cfg = CFG.replace(lowering="inductor")
+    with torch.no_grad(), reference.pruned(model, cfg):
+        want = model.generate(**_ids(B=B), **GEN)
+    autotune.clear()
+    pinned_compile(model, cfg, "pop::values_decode", choice)
+    with torch.no_grad():
+        got = model.generate(**_ids(B=B), **GEN)
+    chosen = {d.choice for d in autotune.decisions() if d.op == "pop::values_decode"}
+    pop_fx.decompile(model)
+    assert chosen == {choice}
+    _equal(want, got)
 
 
 def test_reference_uses_the_proxy_values_on_exactly_n_keep_channels_every_step():
