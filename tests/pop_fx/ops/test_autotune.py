@@ -48,6 +48,31 @@ def test_auto_benchmarks_every_serving_choice_and_inlines_the_winner():
     assert (got - want).abs().max().item() <= 1e-5 * (1 + want.abs().max().item())
 
 
+def test_cpu_choices_are_timed_with_cold_caches(monkeypatch):
+    # a decode step meets its weights in DRAM: every CPU choice is timed by cold_cpu_time (caches flushed),
+    # and Inductor's own benchmarker is itself again afterwards
+    from torch._inductor.runtime.benchmarking import benchmarker
+
+    timed = []
+
+    def counting(fn, **kw):
+        timed.append(fn)
+        return real(fn, **kw)
+
+    real = autotune.cold_cpu_time
+    monkeypatch.setattr(autotune, "cold_cpu_time", counting)
+    autotune.clear()
+    _compiled(autotune.AUTO, _decode_args(B=3))
+    assert _last().how == "measured" and len(timed) >= 3  # one per serving choice at least
+    assert "benchmark_cpu" not in vars(benchmarker)
+
+
+def test_cold_cpu_time_flushes_between_calls():
+    calls = []
+    ms = autotune.cold_cpu_time(lambda: calls.append(1), rep=0.0, min_runs=4, max_runs=4)
+    assert ms >= 0 and len(calls) == 5  # one untimed call, then min_runs timed ones
+
+
 @pytest.mark.parametrize("pin", ["torch", "gather_mm"])
 def test_a_pinned_family_or_choice_is_inlined_as_named(pin):
     args = _decode_args()
