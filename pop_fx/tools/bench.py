@@ -354,6 +354,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--proxy-gamma", type=float, default=1.0, help="candidate_ratio of the pop-proxy variant (default %(default)s)")
     parser.add_argument("--proxy", default="int8", choices=["int8", "int3", "int8-gate", "int8-values"],
                         help="candidate_proxy of the pop-proxy variant (default %(default)s)")
+    parser.add_argument("--pop-proxy", default="none", choices=["none", "int8", "int3", "int8-gate", "int8-values"],
+                        help="candidate_proxy of the pop variant and its pop[<choice>] variants, e.g. int8-values with "
+                             "--candidate-ratio 2 and --choices times that method's lowerings (default none: POP's "
+                             "exact candidates)")
     parser.add_argument("--full", action="store_true",
                         help="every cell of docs/benchmarks.md's speed table (1B-shaped FFN stack: fp32/bf16/fp16 at batch 1, "
                              "fp32/bf16 at batch 8; SmolLM2 end to end: fp32 and bf16 at batch 1, scope='sequence' "
@@ -381,7 +385,8 @@ def run(args: argparse.Namespace) -> int:
     from pop_fx.tools.models import parse_dtype
 
     torch.set_num_threads(args.threads)
-    config = config_from_args(args).replace(kernels=args.kernels)
+    config = config_from_args(args).replace(kernels=args.kernels,
+                                            candidate_proxy=None if args.pop_proxy == "none" else args.pop_proxy)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     for v in variants:
         if v not in VARIANTS and not pinned_choice(v):
@@ -408,6 +413,9 @@ def _run_cell(args, config, batch, dtype, variants) -> dict:
     # unpruned). Give each variant the default allowance, and refuse to report a run that still hit it.
     from pop_fx.api import recompile_limit_hits
 
+    if getattr(args, "choices", False) and "pop" in variants and not getattr(args, "moe", False):
+        device = getattr(args, "device", "cpu")
+        variants = tuple(variants) + tuple(v for v in choice_variants(decode_op(config), device) if v not in variants)
     torch._dynamo.reset()
     hits = recompile_limit_hits()
     with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit * len(variants)):
@@ -430,8 +438,6 @@ def _measure_cell(args, config, batch, dtype, variants) -> dict:
     autotune.clear()
     if getattr(args, "moe", False):
         return bench_moe.run_moe(args, config, batch, dtype)
-    if getattr(args, "choices", False) and "pop" in variants:
-        variants = tuple(variants) + tuple(v for v in choice_variants(decode_op(config), device) if v not in variants)
     if args.ffn_only:
         d, f = SHAPES[args.shape]
         cells = bench_ffn(d, f, args.layers, config, batch=batch, rounds=args.rounds, dtype=dtype, variants=variants,
