@@ -11,6 +11,9 @@ The loss of a site keeping its ``n`` best channels, from its importance scores `
 
 * ``"mass"``: the share of the prompt's importance energy ``Σ I_j²`` outside the top ``n``. A site whose top
   channels hold less of its mass gets more of the budget.
+* ``"energy"``: the importance energy ``Σ I_j²`` outside the top ``n`` itself, not its share: every FFN writes
+  into the same residual stream, so the sites trade in one currency (a site with large scores outside its top
+  ``n`` gets more, whatever its own total).
 
 ``solve`` is the allocator: it starts from the uniform buckets and moves one step at a time from the site that
 loses least by giving it up to the site that gains most by taking it, while the gain is strictly larger than
@@ -29,7 +32,7 @@ import torch
 
 from pop_fx.partition import PartitionSizes, sizes_for_keep
 
-BUDGETS = ("uniform", "mass")
+BUDGETS = ("uniform", "mass", "energy")
 """PopConfig.budget values: "uniform" is the paper's (every site keeps round((1 - r)·d_ff))."""
 
 STEP = 0.05
@@ -81,7 +84,11 @@ def _mass(scores: torch.Tensor, keeps: Sequence[int]) -> list[float]:
     return (tail / total).tolist()
 
 
-RULES: dict[str, Callable[[torch.Tensor, Sequence[int]], list[float]]] = {"mass": _mass}
+def _energy(scores: torch.Tensor, keeps: Sequence[int]) -> list[float]:
+    return tail_energy(scores, keeps).tolist()
+
+
+RULES: dict[str, Callable[[torch.Tensor, Sequence[int]], list[float]]] = {"mass": _mass, "energy": _energy}
 """budget name -> loss of one site for each of its buckets, from its scores ([d_ff])."""
 
 

@@ -19,7 +19,7 @@ _LOWERINGS = ("inductor", "eager")
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _PROXIES = (None, "int8", "int8-gate", "int3", "int8-values")
 _KERNELS = ("auto", "torch", "triton")
-_BUDGETS = ("uniform", "mass")  # pop_fx.allocation.BUDGETS (tested equal; not imported: allocation imports torch)
+_BUDGETS = ("uniform", "mass", "energy")  # pop_fx.allocation.BUDGETS (tested equal; not imported: allocation imports torch)
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,8 @@ class PopConfig:
     budget: str = "uniform"
     """"uniform": every FFN keeps round((1 - r)·d_ff) channels (the paper); "mass": at each prefill, channels move
     between FFNs of one d_ff under the same total, to those whose top channels hold less of the prompt's importance
-    mass (``pop_fx.allocation``; eager reference only, beyond the paper)."""
+    mass; "energy": to those with the most importance energy outside their top channels (``pop_fx.allocation``;
+    eager reference only, beyond the paper)."""
 
     empty_expert: str = "weights"
     """Expert that got no prefill token: "weights" = data-free partition from weight norms, "dense" = not pruned."""
