@@ -568,16 +568,14 @@ def cold_cpu_benchmarks():
     except ImportError:
         yield
         return
-    had = "benchmark_cpu" in vars(benchmarker)
-    old = vars(benchmarker).get("benchmark_cpu")
+    shadowed = vars(benchmarker).pop("benchmark_cpu", None)  # an instance attribute someone else set, if any
     benchmarker.benchmark_cpu = lambda _callable, warmup=None, rep=None, **_: cold_cpu_time(_callable)
     try:
         yield
     finally:
-        if had:
-            benchmarker.benchmark_cpu = old
-        else:
-            del benchmarker.benchmark_cpu
+        del benchmarker.benchmark_cpu
+        if shadowed is not None:
+            benchmarker.benchmark_cpu = shadowed
 
 
 def _tune(ops: OpChoices, serving: list[Choice], tensors, others, args_meta, shapes: str, config):

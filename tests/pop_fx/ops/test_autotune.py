@@ -67,7 +67,7 @@ def test_cpu_choices_are_timed_with_cold_caches(monkeypatch):
     assert "benchmark_cpu" not in vars(benchmarker)
 
 
-def test_cold_cpu_time_flushes_between_calls():
+def test_cold_cpu_time_runs_one_untimed_call_then_min_runs_timed_ones():
     calls = []
     ms = autotune.cold_cpu_time(lambda: calls.append(1), rep=0.0, min_runs=4, max_runs=4)
     assert ms >= 0 and len(calls) == 5  # one untimed call, then min_runs timed ones
