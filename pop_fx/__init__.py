@@ -32,6 +32,7 @@ from pop_fx.partition import PartitionSizes, partition_sizes
 from pop_fx import ops as _ops  # noqa: F401  (registers the pop:: custom ops)
 from pop_fx.backend import pop_backend, register as _register
 from pop_fx.api import compile, decompile, report, reset
+from pop_fx.fastgen import greedy
 
 _register()
 
@@ -42,6 +43,7 @@ __all__ = [
     "PartitionSizes",
     "compile",
     "decompile",
+    "greedy",
     "partition_sizes",
     "pop_backend",
     "report",

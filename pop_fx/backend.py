@@ -92,13 +92,21 @@ class PopCompiler:
         from passes.pipeline import run_passes
 
         rw = run_passes(gm, self.config)
+        linears = 0
+        if self.config.lowering == "inductor":
+            from passes.rewrite_linear import rewrite_decode_linears
+            from pop_fx.ops.linear import MAX_ROWS
+            from torch._dynamo.utils import counters
+
+            linears = rewrite_decode_linears(rw.gm, MAX_ROWS)
+            counters["pop"]["decode_linears"] += linears
         if self.config.debug:
             for s in rw.skipped:
                 log.info("dense %s: %s", s.path, s.reason)
             log.info("before:\n%s", gm.print_readable(print_output=False))
             log.info("after:\n%s", rw.gm.print_readable(print_output=False))
         if not rw.slots:
-            fn = self._lower(gm, list(example_inputs), [])
+            fn = self._lower(rw.gm if self.config.lowering == "inductor" and linears else gm, list(example_inputs), [])
             if not rw.notes:
                 return fn
         else:
@@ -130,6 +138,7 @@ class PopCompiler:
         # Static fakes for the state: real tensors would make their sizes symbolic in the decode kernels.
         inputs = list(example_inputs) + [mode.from_tensor(t, static_shapes=True) for t in state_tensors]
         patches = dict(list_mode_options(cfg.mode)) if cfg.mode not in (None, "default") else {}
+        patches.update(cfg.inductor)
         patches["post_grad_custom_post_pass"] = CacheKeyPass(self.uuid(), inductor_config.post_grad_custom_post_pass)
         from pop_fx import autotune  # the kernels pass: the config's code (auto / a family / pins) into every pop:: op
 

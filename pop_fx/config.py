@@ -79,6 +79,11 @@ class PopConfig:
     GEMV; cuBLAS on CUDA), "triton" pop-fx's Triton kernels where they serve (CUDA; elsewhere the torch family).
     With ``lowering="eager"`` nothing is measured: "auto" runs the torch family."""
 
+    inductor: Any = ()
+    """Inductor settings the compiled graphs are lowered under, as ``torch.compile(options=...)`` would pass them
+    (e.g. ``{"cpp_wrapper": True}``): a dict of ``torch._inductor.config`` keys, kept as sorted (key, value) pairs so
+    that equal configs share their graphs. Unknown keys raise ValueError. () = Inductor's defaults."""
+
     max_batch_size: int = 64
     """scope="sequence": sequences per batch that per-sequence state is allocated for, >= 1."""
 
@@ -100,6 +105,7 @@ class PopConfig:
             raise ValueError(
                 f"PopConfig.max_batch_size={self.max_batch_size!r} is invalid: allowed an integer >= 1"
             )
+        object.__setattr__(self, "inductor", _inductor_items(self.inductor))
         for name in ("debug", "regional"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PopConfig.{name}={getattr(self, name)!r} is invalid: allowed True or False")
@@ -161,6 +167,28 @@ class PopConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _inductor_items(value) -> tuple:
+    """``PopConfig.inductor`` as sorted (key, value) pairs of known ``torch._inductor.config`` keys."""
+    items = value.items() if isinstance(value, Mapping) else value
+    try:
+        items = sorted((str(k), v) for k, v in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"PopConfig.inductor={value!r} is invalid: allowed a dict of torch._inductor.config "
+                         "settings, e.g. {'cpp_wrapper': True}") from None
+    from torch._inductor import config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    for k, v in items:
+        if k not in known:
+            raise ValueError(f"PopConfig.inductor key {k!r} is not a torch._inductor.config setting: allowed keys of "
+                             "torch._inductor.config, e.g. 'cpp_wrapper', 'freezing'")
+        try:
+            hash(v)
+        except TypeError:
+            raise ValueError(f"PopConfig.inductor[{k!r}]={v!r} is invalid: allowed a hashable value") from None
+    return tuple(items)
 
 
 def _check_real(name, value, lo, hi, allowed, hi_open=False):

@@ -11,6 +11,7 @@ whose body branches on the device), its torch reference and, where it has one, i
     values_decode.py     pop::values_decode      a whole decode FFN from the int8 copy's H ("int8-values")
     experts_prefill.py   pop::experts_prefill    per-expert partitions of routed experts; their output
     experts_decode.py    pop::experts_decode     each token through its chosen experts, pruned
+    linear.py            pop::linear             a decode step's other linears (few rows), GEMM or reduction
 
 Shared, not ops: ``layout.py`` (the prefill-time R ∪ C layout copies and the layout flags) and
 ``rows_gemv.py`` (a Triton kernel of gathered row products used by the proxy ops).
@@ -36,7 +37,7 @@ Layout flags (``flags`` argument, a bit set):
 
 from pop_fx.ops.layout import CONV1D, FUSED  # noqa: F401  (layout flags the passes set)
 from pop_fx.ops import (  # noqa: F401  (importing an op module registers its op)
-    decode, decode_sel, decode_seq, experts_decode, experts_prefill, gather_in, prefill, proxy_select,
+    decode, decode_sel, decode_seq, experts_decode, experts_prefill, gather_in, linear, prefill, proxy_select,
     values_decode)
 
 __all__ = ["CONV1D", "FUSED"]

@@ -187,3 +187,23 @@ def test_one_token_prompt_partitions_from_its_own_token_on_every_entry_path(path
             _generate(model, ids, torch.ones_like(ids))  # leaves a data-driven partition behind
             _assert_same(_generate(model, one, torch.ones_like(one)), want, atol=1e-6)
     assert pop_fx.report(model, PopConfig(**cfg)).warnings == []
+
+
+def test_inductor_settings_reach_every_compile_fx_call(monkeypatch):
+    """PopConfig.inductor is passed to Inductor for every graph the backend lowers (regional blocks and glue alike)."""
+    import torch._inductor.compile_fx as cfx
+
+    seen = []
+
+    def spy(gm, example_inputs, config_patches=None, **kw):
+        seen.append(dict(config_patches or {}))
+        return gm.forward
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    torch._dynamo.reset()
+    m = tiny_model("llama").eval()
+    pop_fx.compile(m, sparsity=0.5, inductor={"cpp_wrapper": True})
+    m.generate(torch.randint(0, m.config.vocab_size, (1, 4)), max_new_tokens=3, do_sample=False)
+    torch._dynamo.reset()
+    assert len(seen) >= 3
+    assert all(p.get("cpp_wrapper") is True for p in seen)

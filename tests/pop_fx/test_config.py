@@ -23,6 +23,9 @@ BAD_VALUES = [
     ("max_batch_size", 0),
     ("max_batch_size", 2.0),
     ("debug", "yes"),
+    ("inductor", {"no_such_setting": 1}),
+    ("inductor", {"cpp_wrapper": [True]}),
+    ("inductor", 3),
 ]
 
 
@@ -62,3 +65,11 @@ def test_presets_are_the_ablation_baselines():
 def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         PopConfig().sparsity = 0.1
+
+
+def test_inductor_settings_are_kept_as_sorted_pairs_so_equal_configs_hash_equal():
+    a = PopConfig(inductor={"freezing": True, "cpp_wrapper": True})
+    b = PopConfig(inductor=[("cpp_wrapper", True), ("freezing", True)])
+    assert a.inductor == (("cpp_wrapper", True), ("freezing", True))
+    assert a == b and hash(a) == hash(b)
+    assert PopConfig().inductor == ()

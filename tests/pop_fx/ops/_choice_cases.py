@@ -22,7 +22,7 @@ BATCHES = (1, 3, 8)
 # choices sum partial products in the output dtype or weigh experts: a wrong candidate moves the output by far more.
 TOL = {"fp32": 1e-5, "bf16": 2.0 ** -6}
 FAMILIES = ("decode", "decode_seq", "experts_decode", "experts_decode/sequence", "values_decode", "proxy_select/int8",
-            "proxy_select/int3")
+            "proxy_select/int3", "linear", "linear/bias")
 
 
 def op_of(family: str) -> str:
@@ -137,8 +137,19 @@ def proxy_case(B, dt, seed=0, fmt="int8"):
     return args, P.select(h_c, args["wd_norm_c"], k)
 
 
+def linear_case(B, dt, bias: bool, seed=0):
+    """A decode linear of odd sizes (B rows of one token, 37 features -> 29), the definition in fp64."""
+    g = _gen(seed)
+    x, w = torch.randn(B, 1, 37, generator=g).to(dt), torch.randn(29, 37, generator=g).to(dt)
+    b = torch.randn(29, generator=g).to(dt) if bias else None
+    ref = x.double() @ w.double().T + (0 if b is None else b.double())
+    return dict(x=x, weight=w, bias=b), ref
+
+
 def case(family: str, B: int, dtype: str):
     dt = DTYPES[dtype]
+    if family.startswith("linear"):
+        return linear_case(B, dt, bias=family.endswith("bias"))
     if family == "decode":
         return decode_case(B, dt)
     if family == "decode_seq":

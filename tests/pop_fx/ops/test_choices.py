@@ -46,6 +46,7 @@ def test_every_op_with_two_implementations_offers_them():
         "pop::experts_decode": ["grouped_mm", "bmm", "pair_loop", "triton_pair"],
         "pop::values_decode": ["ebag", "masked", "gather_sum", "reduce_ebag", "reduce_masked", "reduce_gather_sum"],
         "pop::proxy_select": ["torch", "triton_fused"],
+        "pop::linear": ["mm", "reduce"],
     }
 
 
