@@ -18,6 +18,8 @@ those that serve the step's inputs and inlines the fastest, see ``pop_fx/autotun
   n_select columns) and one GEMM over them. Reads γ/2·d_ff fewer columns, but gathers them from a row-major layout.
 * ``gather_sum`` — a GEMV over R, then Σ_j h_j · Wd[:, j] over the selected columns written as a reduction
   Inductor fuses the gather into (no gathered copy; fp32 accumulation).
+* ``masked_reduce`` — ``masked`` with the GEMV as one reduction over the R ∪ C columns (fp32 accumulation): the
+  form Inductor's C++ backend streams near memory speed at batch 1 (``pop_fx/ops/linear.py``).
 * ``triton_splitk`` (CUDA, ``kernels="triton"``'s default) — ``select_mask_triton`` + ``gemv_triton``: one program
   ranks the n_C candidates and writes their 0/1 mask; a split-K GEMV streams ``wd_rc``, applying the mask as it
   loads h (no masked, padded or concatenated copy of h), and a finishing launch sums the splits, adds the bias and
@@ -117,6 +119,23 @@ def decode_gather_sum(h_rc: Tensor, wd_rc: Tensor, bd: Tensor | None, wd_norm_c:
     return y.reshape(*h_rc.shape[:-1], wd_rc.shape[0])
 
 
+def decode_masked_reduce(h_rc: Tensor, wd_rc: Tensor, bd: Tensor | None, wd_norm_c: Tensor, n_R: int,
+                         n_select: int) -> Tensor:
+    """``masked`` with its GEMV written as a reduction (``pop_fx.ops.linear.linear_reduce``: fp32 accumulation),
+    which Inductor's C++ backend streams near memory speed at batch 1 where ATen's GEMV does not."""
+    from pop_fx.ops.linear import linear_reduce
+
+    lead = h_rc.shape[:-1]
+    h2 = _rows(h_rc)
+    n_C = h2.shape[-1] - n_R
+    wd_rc = wd_rc[:, : n_R + n_C]
+    if n_select == 0:
+        h2, wd_rc = h2[:, :n_R], wd_rc[:, :n_R]
+    elif n_select < n_C:
+        h2 = torch.cat([h2[:, :n_R], h2[:, n_R:] * candidate_mask(h2[:, n_R:], wd_norm_c, n_select)], dim=-1)
+    return linear_reduce(h2, wd_rc, bd).reshape(*lead, wd_rc.shape[0])
+
+
 def _masked(h_rc, wd_rc, bd, wd_norm_c, n_R, n_select):
     return decode_reference(h_rc, wd_rc, bd, wd_norm_c, n_R, n_select)  # by name: tests may replace it
 
@@ -134,6 +153,7 @@ CHOICES = autotune.register("pop::decode", [
     autotune.Choice("masked", _masked),
     autotune.Choice("gather_mm", decode_gather_mm),
     autotune.Choice("gather_sum", decode_gather_sum),
+    autotune.Choice("masked_reduce", decode_masked_reduce),
     autotune.Choice("triton_splitk", _triton, "triton", lambda a: triton_serves(_rows(a["h_rc"])), any_size=False),
 ], _default)
 
@@ -151,5 +171,5 @@ def _(h_rc, wd_rc, bd, wd_norm_c, n_R, n_select, kernels=0):
     return h_rc.new_empty(*h_rc.shape[:-1], wd_rc.shape[0])
 
 
-__all__ = ["CHOICES", "candidate_mask", "decode", "decode_gather_mm", "decode_gather_sum",
+__all__ = ["CHOICES", "candidate_mask", "decode", "decode_gather_mm", "decode_gather_sum", "decode_masked_reduce",
            "decode_reference", "decode_triton", "triton_serves"]

@@ -41,7 +41,7 @@ def test_auto_benchmarks_every_serving_choice_and_inlines_the_winner():
     autotune.clear()
     got, code = _compiled(autotune.AUTO, args)
     d = _last()
-    assert d.how == "measured" and set(d.times_ms) == {"masked", "gather_mm", "gather_sum"}  # CPU: no Triton choice
+    assert d.how == "measured" and set(d.times_ms) == {"masked", "gather_mm", "gather_sum", "masked_reduce"}  # CPU: no Triton choice
     assert d.choice == min(d.times_ms, key=d.times_ms.__getitem__) and all(t > 0 for t in d.times_ms.values())
     assert not any(re.search(r"torch\.ops\.pop\.decode\.default\(", c) for c in code)  # inlined, not an extern call
     want = torch.ops.pop.decode(*args)
@@ -173,7 +173,8 @@ def test_report_names_the_choice_with_inductors_times():
     with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
         m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     pinned = [c for c in pop_fx.report(m).choices if not c["how"].startswith("earlier")]
-    assert {(c["op"], c["choice"], c["how"]) for c in pinned} == {("pop::decode", "masked", "pinned")}
+    assert {(c["op"], c["choice"], c["how"]) for c in pinned} == {("pop::decode", "masked", "pinned"),
+                                                                   ("pop::linear", "mm", "pinned")}
 
 
 def test_a_later_graph_hitting_the_cache_keeps_the_first_lowerings_measured_decision():

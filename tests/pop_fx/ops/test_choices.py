@@ -41,7 +41,7 @@ def interpreted():
 def test_every_op_with_two_implementations_offers_them():
     names = {op: [c.name for c in o.choices] for op, o in autotune.registry().items()}
     assert names == {
-        "pop::decode": ["masked", "gather_mm", "gather_sum", "triton_splitk"],
+        "pop::decode": ["masked", "gather_mm", "gather_sum", "masked_reduce", "triton_splitk"],
         "pop::decode_seq": ["masked", "gather", "gather_sum", "triton_splitk"],
         "pop::experts_decode": ["grouped_mm", "bmm", "pair_loop", "triton_pair"],
         "pop::values_decode": ["ebag", "masked", "gather_sum", "reduce_ebag", "reduce_masked", "reduce_gather_sum"],
