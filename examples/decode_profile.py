@@ -154,6 +154,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32, help="decode steps profiled (default 32)")
     ap.add_argument("--reps", type=int, default=3, help="timed runs per row, median (default 3)")
     ap.add_argument("--sparsity", type=float, default=0.0, help="0 = dense (default); 0.5 = POP r 0.5 γ 0.1")
+    ap.add_argument("--whole", action="store_true", help="regional=False: the whole model as one graph")
     ap.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                     help="Inductor settings for the compiled model (PopConfig.inductor), e.g. freezing=1")
     ap.add_argument("--json", help="write the figures here")
@@ -174,7 +175,7 @@ def main() -> None:
         else:
             model, tok = load_model(args.model, dtype)
             ids = tok(PROMPT, return_tensors="pt").input_ids
-        fields = dict(sparsity=args.sparsity)
+        fields = dict(sparsity=args.sparsity, regional=not args.whole)
         if inductor:
             fields["inductor"] = inductor
         pop_fx.compile(model, **fields)

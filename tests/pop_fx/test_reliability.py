@@ -276,6 +276,9 @@ def test_an_lm_head_after_tanh_is_not_an_ffn():
 
 
 def test_unsupported_ffn_through_inductor_equals_stock_inductor():
+    """Left dense: with the linears pinned to ATen's GEMM (kernels="torch") the compiled block is stock Inductor's bit
+    for bit; autotuned (the default), its decode linears may be the reduction choice of pop::linear: equal within
+    fp32's rounding."""
     torch._dynamo.reset()
     block = _Block(UNSUPPORTED["unknown_op"][0]()).eval()
     _KEEP.append(block)
@@ -283,8 +286,12 @@ def test_unsupported_ffn_through_inductor_equals_stock_inductor():
     with torch.no_grad():
         stock = [torch.compile(block, backend="inductor")(t) for t in x]
         torch._dynamo.reset()
-        got = [torch.compile(block, backend="pop", options=dict(sparsity=0.5))(t) for t in x]
-    assert all(torch.equal(a, b) for a, b in zip(got, stock))
+        pinned = [torch.compile(block, backend="pop", options=dict(sparsity=0.5, kernels="torch"))(t) for t in x]
+        torch._dynamo.reset()
+        auto = [torch.compile(block, backend="pop", options=dict(sparsity=0.5))(t) for t in x]
+    assert all(torch.equal(a, b) for a, b in zip(pinned, stock))
+    for a, b in zip(auto, stock):
+        torch.testing.assert_close(a, b)
 
 
 # ----------------------------------------------------------------------------------------------
