@@ -13,12 +13,12 @@ import math
 import torch
 import torch.fx as fx
 
-from passes.nodes import _LINEAR, val
+from passes.nodes import linear_parts, val
 
 
-def decode_rows(n: fx.Node) -> int | None:
+def static_rows(x_node) -> int | None:
     """The static number of rows of a linear's input, or None (symbolic, not a float tensor)."""
-    x = val(n.args[0]) if n.args else None
+    x = val(x_node)
     if x is None or not x.dtype.is_floating_point or x.dim() < 1:
         return None
     dims = x.shape[:-1]
@@ -33,11 +33,11 @@ def rewrite_decode_linears(gm: fx.GraphModule, max_rows: int) -> int:
 
     count = 0
     for n in list(gm.graph.nodes):
-        if n.op != "call_function" or n.target not in _LINEAR:
+        parts = linear_parts(n)
+        if parts is None:
             continue
-        args = list(n.args) + [None] * (3 - len(n.args))
-        x, w, b = args[0], n.kwargs.get("weight", args[1]), n.kwargs.get("bias", args[2])
-        rows = decode_rows(n)
+        x, w, b = parts
+        rows = static_rows(x)
         wv = val(w)
         if rows is None or rows < 1 or rows > max_rows or wv is None or wv.dim() != 2:
             continue
@@ -53,4 +53,4 @@ def rewrite_decode_linears(gm: fx.GraphModule, max_rows: int) -> int:
     return count
 
 
-__all__ = ["decode_rows", "rewrite_decode_linears"]
+__all__ = ["static_rows", "rewrite_decode_linears"]

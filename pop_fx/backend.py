@@ -106,7 +106,7 @@ class PopCompiler:
             log.info("before:\n%s", gm.print_readable(print_output=False))
             log.info("after:\n%s", rw.gm.print_readable(print_output=False))
         if not rw.slots:
-            fn = self._lower(rw.gm if self.config.lowering == "inductor" and linears else gm, list(example_inputs), [])
+            fn = self._lower(rw.gm if linears else gm, list(example_inputs), [])
             if not rw.notes:
                 return fn
         else:

@@ -177,6 +177,8 @@ def _inductor_items(value) -> tuple:
     except (TypeError, ValueError):
         raise ValueError(f"PopConfig.inductor={value!r} is invalid: allowed a dict of torch._inductor.config "
                          "settings, e.g. {'cpp_wrapper': True}") from None
+    if not items:
+        return ()
     from torch._inductor import config as inductor_config
 
     known = inductor_config.get_config_copy()

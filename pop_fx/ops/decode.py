@@ -50,7 +50,8 @@ def candidate_mask(h_c: Tensor, wd_norm_c: Tensor, n_select: int, per_sequence: 
 
 
 def decode_reference(h_rc: Tensor, wd_rc: Tensor, bd: Tensor | None, wd_norm_c: Tensor, n_R: int,
-                     n_select: int) -> Tensor:
+                     n_select: int, gemv=F.linear) -> Tensor:
+    """The masked GEMV: unselected candidates zeroed, one ``gemv(h, wd_rc, bd)`` over the R ∪ C layout."""
     lead = h_rc.shape[:-1]
     h2 = h_rc.reshape(-1, h_rc.shape[-1])
     n_C = h2.shape[-1] - n_R
@@ -59,7 +60,7 @@ def decode_reference(h_rc: Tensor, wd_rc: Tensor, bd: Tensor | None, wd_norm_c: 
         h2, wd_rc = h2[:, :n_R], wd_rc[:, :n_R]
     elif n_select < n_C:
         h2 = torch.cat([h2[:, :n_R], h2[:, n_R:] * candidate_mask(h2[:, n_R:], wd_norm_c, n_select)], dim=-1)
-    y = F.linear(h2, wd_rc, bd)
+    y = gemv(h2, wd_rc, bd)
     return y.reshape(*lead, wd_rc.shape[0])
 
 
@@ -125,15 +126,7 @@ def decode_masked_reduce(h_rc: Tensor, wd_rc: Tensor, bd: Tensor | None, wd_norm
     which Inductor's C++ backend streams near memory speed at batch 1 where ATen's GEMV does not."""
     from pop_fx.ops.linear import linear_reduce
 
-    lead = h_rc.shape[:-1]
-    h2 = _rows(h_rc)
-    n_C = h2.shape[-1] - n_R
-    wd_rc = wd_rc[:, : n_R + n_C]
-    if n_select == 0:
-        h2, wd_rc = h2[:, :n_R], wd_rc[:, :n_R]
-    elif n_select < n_C:
-        h2 = torch.cat([h2[:, :n_R], h2[:, n_R:] * candidate_mask(h2[:, n_R:], wd_norm_c, n_select)], dim=-1)
-    return linear_reduce(h2, wd_rc, bd).reshape(*lead, wd_rc.shape[0])
+    return decode_reference(h_rc, wd_rc, bd, wd_norm_c, n_R, n_select, gemv=linear_reduce)
 
 
 def _masked(h_rc, wd_rc, bd, wd_norm_c, n_R, n_select):
