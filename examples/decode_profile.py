@@ -4,6 +4,7 @@
     python examples/decode_profile.py --dtypes bfloat16 --steps 32 --json out/profile.json
     python examples/decode_profile.py --model 1b --layers 4   # a 1B-shaped Llama stack (random weights), 4 layers
     python examples/decode_profile.py --inductor freezing=1   # the same profile under an Inductor setting
+    python examples/decode_profile.py --sparsity 0.5 --proxy int8-values   # int8-values r 0.5 γ 2 (issue 31)
 
 For each dtype, one model compiled with ``pop_fx.compile(model, sparsity=0)`` (regional, as the user gets it):
 
@@ -154,6 +155,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32, help="decode steps profiled (default 32)")
     ap.add_argument("--reps", type=int, default=3, help="timed runs per row, median (default 3)")
     ap.add_argument("--sparsity", type=float, default=0.0, help="0 = dense (default); 0.5 = POP r 0.5 γ 0.1")
+    ap.add_argument("--proxy", default=None, help="PopConfig.candidate_proxy with --sparsity, e.g. int8-values")
     ap.add_argument("--whole", action="store_true", help="regional=False: the whole model as one graph")
     ap.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                     help="Inductor settings for the compiled model (PopConfig.inductor), e.g. freezing=1")
@@ -176,6 +178,8 @@ def main() -> None:
             model, tok = load_model(args.model, dtype)
             ids = tok(PROMPT, return_tensors="pt").input_ids
         fields = dict(sparsity=args.sparsity, regional=not args.whole)
+        if args.proxy:
+            fields.update(candidate_proxy=args.proxy, candidate_ratio=2.0 if args.proxy == "int8-values" else 0.1)
         if inductor:
             fields["inductor"] = inductor
         pop_fx.compile(model, **fields)

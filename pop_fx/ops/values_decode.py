@@ -13,8 +13,9 @@ compute-bound on this CPU). No exact gate/up row is read: H of the chosen channe
 chosen channels has three implementations (``pop_fx.autotune`` choices; under ``kernels="auto"`` Inductor measures
 them, the op's ``kernels`` argument defaulting to it):
 
-* ``ebag``       — ``F.embedding_bag`` over the channel-major copy ``wd_t`` [d_ff, d_out] (made once per model): one
-  bag per row, each reading the n_keep chosen rows only, with no gathered copy (a row per bag: B reads at batch B);
+* ``ebag``       — ``F.embedding_bag`` over the channel-major copy ``wd_t`` [d_ff, d_out] (made once per model): each
+  row's n_keep chosen rows cut into ``EBAG_SPLIT`` bags (ATen runs a bag on one thread), no gathered copy, the
+  bags' sums added in fp32 (B reads of the chosen rows at batch B);
 * ``masked``     — a masked dense GEMV over the site's own ``wd`` (unchosen channels zeroed): every column read once
   for the whole batch;
 * ``gather_sum`` — Σ_j H̃_j · wd_t[j] over the chosen rows as one reduction Inductor fuses the row gather into.
@@ -43,15 +44,29 @@ def _chosen(x: Tensor, q: Tensor, s: Tensor, rc_idx: Tensor, wd_norm_c: Tensor, 
     h = values_activations(x2, q, s, d_ff, act, rows)  # [B, d_ff] fp32
     rc = rc_idx[0]
     c_idx = rc[n_R:]
+    # topk's positions come unordered; sorted, ebag read its rows 1.3x faster alone but no faster in SmolLM2's
+    # step, where the sort cost what it saved (0.87 ms a step: examples/decode_profile.py --proxy int8-values)
     pos = candidate_topk(h.index_select(1, c_idx), wd_norm_c, n_select)
     idx = torch.cat([rc[:n_R], c_idx.index_select(0, pos)])
     return idx, h.index_select(1, idx)
 
 
+EBAG_SPLIT = 8
+"""bags per row of ``ebag``: ATen's embedding_bag runs one bag on one thread, so a batch-1 row is cut into this
+many bags (threads share them) and their sums added"""
+
+
 def _down_ebag(idx, h_sel, wd_t, wd, bd, d_ff):
-    bags = idx[None].expand(h_sel.shape[0], -1)
-    y = F.embedding_bag(bags, wd_t, per_sample_weights=h_sel.to(wd_t.dtype), mode="sum")
-    return y + bd if bd is not None else y
+    B, n = h_sel.shape
+    step = -(-n // EBAG_SPLIT)
+    parts = -(-n // step)
+    offsets = torch.arange(0, B * n, step, device=idx.device) if n % step == 0 else (
+        torch.arange(B, device=idx.device)[:, None] * n + torch.arange(0, n, step, device=idx.device)).reshape(-1)
+    y = F.embedding_bag(idx[None].expand(B, -1).reshape(-1), wd_t, offsets,
+                        per_sample_weights=h_sel.to(wd_t.dtype).reshape(-1), mode="sum")
+    acc = torch.promote_types(wd_t.dtype, torch.float32)
+    y = y.view(B, parts, -1).sum(1, dtype=acc)
+    return (y + bd.to(acc) if bd is not None else y).to(wd_t.dtype)
 
 
 def _down_masked(idx, h_sel, wd_t, wd, bd, d_ff):
@@ -113,4 +128,4 @@ def _(x, q, s, wd_t, wd, bd, rc_idx, wd_norm_c, n_R, n_select, d_ff, act, kernel
     return x.new_empty(*x.shape[:-1], wd_t.shape[1])
 
 
-__all__ = ["CHOICES", "DOWNS", "values_decode", "values_decode_down", "values_decode_reference"]
+__all__ = ["CHOICES", "DOWNS", "EBAG_SPLIT", "values_decode", "values_decode_down", "values_decode_reference"]
