@@ -9,8 +9,8 @@ Every setting (a method at a sparsity r: ``static`` = γ 0, ``pop-<γ>``, ``full
 * quality from the evaluation harness (``pop_fx.tools.evaluation``): windows of the text are prefilled,
   then fed one token per decode step through the KV cache under the eager reference; reported are the
   continuation perplexity over dense's and the next-token agreement with dense (teacher-forced argmax);
-* speed as in ``pop-fx bench``: dense under stock Inductor and every setting under ``pop_fx.compile``,
-  each compiled once, then timed in interleaved rounds of greedy ``generate()`` (decode tokens/s between the
+* speed as in ``pop-fx bench``: every setting under ``pop_fx.compile``, dense as ``sparsity=0`` (the same
+  autotuned decode linears as POP), each compiled once, then timed in interleaved rounds of greedy ``generate()`` (decode tokens/s between the
   first and the last new token, prefill excluded); the median is reported and divided by dense's median
   from the same rounds.
 

@@ -14,7 +14,7 @@ import torch
 
 from pop_fx.tools.frontier import measure
 from pop_fx.tools.frontier.cache import CACHE_VERSION, Cache, model_fingerprint, runtime_key
-from pop_fx.tools.frontier.measure import median
+from pop_fx.tools.frontier.measure import DENSE_BASELINE, median
 from pop_fx.tools.frontier.pareto import pareto_front, recommend
 from pop_fx.tools.frontier.settings import DENSE, Budget, Point, Setting
 
@@ -68,7 +68,7 @@ class FrontierResult:
         p = self.pick
         if p.setting == DENSE:
             return (f"within the budget ({self.budget.describe()}) no measured POP setting decodes faster than dense: "
-                    f"keep the dense model, or loosen --budget")
+                    f"keep the dense model (fastest as `pop_fx.compile(model, sparsity=0)`), or loosen --budget")
         return (f"fastest inside the budget ({self.budget.describe()}): {p.setting.label} — {p.speedup:.2f}x dense "
                 f"decode speed, perplexity {p.ppl_ratio:.3f}x dense, agreement {p.agreement:.3f}\n"
                 f"use it:  {p.setting.code()}")
@@ -101,7 +101,7 @@ def frontier(model, tokenizer, text: str, settings: Sequence[Setting], budget: B
                 **{k: info[k] for k in ("text_sha256", "windows", "prompt_len", "cont_len", "batch_size", "dtype",
                                         "torch", "device")})
     cache = Cache(cache_dir, base)
-    speed_key = ("speed", list(settings), new_tokens, rounds, threads, lowering, runtime_key())
+    speed_key = ("speed", list(settings), new_tokens, rounds, threads, lowering, runtime_key(), DENSE_BASELINE)
     speed = cache.get(speed_key)
     n_quality = len(settings)
     total = n_quality + (0 if speed else len(settings) * (1 + rounds))

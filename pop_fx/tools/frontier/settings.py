@@ -40,12 +40,14 @@ class Setting:
     def config(self, **fields):
         from pop_fx.config import PopConfig
 
+        if self.method == "dense":  # compiled as POP with nothing pruned: the same lowering as every setting
+            return PopConfig(sparsity=0.0, **fields)
         return PopConfig(sparsity=self.sparsity, candidate_ratio=self.gamma, candidate_proxy=self.proxy, **fields)
 
     def code(self) -> str:
         """The one line that uses this setting."""
         if self.method == "dense":
-            return "model  # dense: no POP setting is faster within the budget"
+            return "pop_fx.compile(model, sparsity=0)  # dense, with pop-fx's autotuned decode linears"
         extra = f", candidate_proxy={self.proxy!r}" if self.proxy else ""
         return f"pop_fx.compile(model, sparsity={self.sparsity:g}, candidate_ratio={self.gamma:g}{extra})"
 

@@ -152,3 +152,26 @@ def test_packaged_text_ships_in_the_wheel(tmp_path):
                          env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr
     assert Path(res.stdout.strip()).is_relative_to(tmp_path / "site")
+
+
+def test_dense_speed_row_is_compiled_as_pop_with_nothing_pruned(monkeypatch):
+    """The baseline gets pop-fx's lowering too: timed against stock Inductor (2x slower GEMVs on SmolLM2), the
+    frontier named int8-values 2.56x dense where pop-fx's own dense ran as fast (2026-12-05)."""
+    import pop_fx
+    from pop_fx.tools.models import tiny_model
+
+    seen = []
+    real = pop_fx.compile
+
+    def spy(model, config=None, **kw):
+        seen.append(config)
+        return real(model, config, **kw)
+
+    monkeypatch.setattr(pop_fx, "compile", spy)
+    model = tiny_model("llama")
+    settings = [fr.DENSE, fr.Setting("static", 0.5, 0.0)]
+    res = fr.measure_speed(model, None, settings, new_tokens=2, rounds=1, lowering="eager")
+    assert [c.sparsity for c in seen] == [0.0, 0.5]
+    assert all(c.lowering == "eager" for c in seen)
+    assert all(len(res[s]["samples"]) == 1 for s in settings)
+    assert fr.DENSE.code().startswith("pop_fx.compile(model, sparsity=0)")
