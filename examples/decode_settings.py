@@ -15,6 +15,7 @@ the first row. Rows:
 * ``dense, cpp_wrapper``    ``inductor={"cpp_wrapper": True}``: C++ wrappers instead of Python ones
 * ``dense, greedy loop``    ``pop_fx.greedy`` instead of ``generate()``
 * ``POP, GEMM linears`` / ``POP`` / ``POP, whole graph`` / ``POP, greedy loop``   the same for r 0.5 γ 0.1
+* ``int8-values`` / ``int8-values, whole graph``   r 0.5, γ 2, ``candidate_proxy="int8-values"`` (issue 31)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ PROMPT = "The capital of France is"
 NEW_TOKENS = 64
 
 POP = dict(sparsity=0.5, candidate_ratio=0.1)
+VALUES = dict(sparsity=0.5, candidate_ratio=2.0, candidate_proxy="int8-values")
 ROWS = {
     "stock": (None, "generate"),
     "dense, GEMM linears": (dict(sparsity=0.0, kernels="torch"), "generate"),
@@ -44,6 +46,8 @@ ROWS = {
     "POP": (POP, "generate"),
     "POP, whole graph": (dict(POP, regional=False), "generate"),
     "POP, greedy loop": (POP, "greedy"),
+    "int8-values": (VALUES, "generate"),
+    "int8-values, whole graph": (dict(VALUES, regional=False), "generate"),
 }
 
 
