@@ -60,8 +60,8 @@ def _down_ebag(idx, h_sel, wd_t, wd, bd, d_ff):
     B, n = h_sel.shape
     step = -(-n // EBAG_SPLIT)
     parts = -(-n // step)
-    offsets = torch.arange(0, B * n, step, device=idx.device) if n % step == 0 else (
-        torch.arange(B, device=idx.device)[:, None] * n + torch.arange(0, n, step, device=idx.device)).reshape(-1)
+    starts = torch.arange(0, n, step, device=idx.device)
+    offsets = (torch.arange(B, device=idx.device)[:, None] * n + starts).reshape(-1)
     y = F.embedding_bag(idx[None].expand(B, -1).reshape(-1), wd_t, offsets,
                         per_sample_weights=h_sel.to(wd_t.dtype).reshape(-1), mode="sum")
     acc = torch.promote_types(wd_t.dtype, torch.float32)

@@ -4,8 +4,8 @@ By default three columns side by side: dense, a setting that keeps SmolLM2's tex
 chosen from the measured frontier: docs/choosing.md) and the requested ``--sparsity`` (0.5),
 so the quality–speed trade-off is on one screen. Every column runs under ``backend="pop"``, dense as
 ``sparsity=0`` (the same autotuned decode linears as POP; each compiled in place, warmed up once, then timed),
-so tokens/s compares like with like; ``--no-compile`` shows the eager reference. A line per phase, with the seconds elapsed, goes to
-stderr as it happens (compiling a 30-layer model on 2 cores takes a while).
+so tokens/s compares like with like; ``--no-compile`` shows the eager reference. A line per phase, with the
+seconds elapsed, goes to stderr as it happens (compiling a 30-layer model on 2 cores takes a while).
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ Every setting (a method at a sparsity r: ``static`` = γ 0, ``pop-<γ>``, ``full
   then fed one token per decode step through the KV cache under the eager reference; reported are the
   continuation perplexity over dense's and the next-token agreement with dense (teacher-forced argmax);
 * speed as in ``pop-fx bench``: every setting under ``pop_fx.compile``, dense as ``sparsity=0`` (the same
-  autotuned decode linears as POP), each compiled once, then timed in interleaved rounds of greedy ``generate()`` (decode tokens/s between the
-  first and the last new token, prefill excluded); the median is reported and divided by dense's median
-  from the same rounds.
+  autotuned decode linears as POP), each compiled once, then timed in interleaved rounds of greedy
+  ``generate()`` (decode tokens/s between the first and the last new token, prefill excluded); the median is
+  reported and divided by dense's median from the same rounds.
 
 A setting is on the Pareto front when no other is at least as fast and at least as good, and better in one.
 ``--budget`` names the fastest setting whose quality is inside it (dense always is) and prints the one
